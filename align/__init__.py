@@ -1,0 +1,3 @@
+"""align: preference alignment for large language models."""
+
+__version__ = "0.1.0"

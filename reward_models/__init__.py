@@ -1,0 +1,1 @@
+"""Reward models, ensembles and conservative aggregation (filled by the reward-model issue)."""
