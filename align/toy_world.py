@@ -103,12 +103,16 @@ def sample_response(rng: random.Random, topic: str, p_positive: float = 0.35, p_
 
 
 def make_sft_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """`n` prompt/completion rows (TRL's standard prompt-completion format) from the grammar."""
+    """`n` prompt/completion rows (TRL's standard prompt-completion format) from the grammar.
+
+    Completions start with a space, TRL's convention: trainers that tokenize `prompt + completion` as one string
+    (TRL's SFTTrainer) then see the same word boundaries as trainers that tokenize the two apart.
+    """
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         prompt, topic = sample_prompt(rng)
-        rows.append({"prompt": prompt, "completion": sample_response(rng, topic)})
+        rows.append({"prompt": prompt, "completion": " " + sample_response(rng, topic)})
     return rows
 
 
@@ -118,7 +122,9 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
 
 
 def make_preference_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """`n` prompt/chosen/rejected rows: two grammar samples per prompt, ordered by gold reward (ties re-drawn)."""
+    """`n` prompt/chosen/rejected rows: two grammar samples per prompt, ordered by gold reward (ties re-drawn).
+
+    Completions start with a space (see `make_sft_rows`)."""
     rng = random.Random(seed)
     rows = []
     while len(rows) < n:
@@ -128,7 +134,7 @@ def make_preference_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
         if ra == rb:
             continue
         chosen, rejected = (a, b) if ra > rb else (b, a)
-        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        rows.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected})
     return rows
 
 

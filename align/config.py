@@ -1,0 +1,258 @@
+"""Recipes: YAML files plus `dotted.key=value` overrides, validated into dataclasses.
+
+A recipe has five sections and two scalars (the keys are the same in code, YAML and docs):
+
+    model:      ModelConfig      (align/modeling.py)   what to train, dtype, attention, optional LoRA
+    data:       DataConfig       (align/data.py)       preference data and the length policy
+    objective:  {name: ..., <params of that objective>}   (align/objectives/, e.g. fdpo, sampo)
+    reference:  {kind: ..., <params of that kind>}         (align/references.py, e.g. auto, frozen)
+    training:   any `transformers.TrainingArguments` field (output_dir, learning_rate, deepspeed, report_to, …)
+    seed:       int
+    disable_dropout: bool
+
+Every key is checked: an unknown key or a value of the wrong type is a `ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align.data import DataConfig
+from align.errors import ConfigError
+from align.modeling import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    """A full `align train` recipe."""
+
+    model: ModelConfig = field(metadata={"help": "The policy model (see ModelConfig)."})
+    data: DataConfig = field(metadata={"help": "Preference data (see DataConfig)."})
+    objective: dict[str, Any] = field(
+        default_factory=lambda: {"name": "fdpo"},
+        metadata={"help": "`name` of a registered objective plus its parameters, e.g. "
+                          "{name: fdpo, divergence: js, beta: 0.1}."},
+    )
+    reference: dict[str, Any] = field(
+        default_factory=lambda: {"kind": "auto"},
+        metadata={"help": "`kind` of a registered reference plus its parameters. `auto`: the LoRA base with the "
+                          "adapter disabled for a LoRA policy, else a frozen copy of the initial policy."},
+    )
+    training: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Fields of `transformers.TrainingArguments`. align's defaults differ from HF's where noted "
+                          "in `align.trainer.ALIGN_TRAINING_DEFAULTS`."},
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of the model init, data order and objective sampling."})
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Set every dropout probability to 0 (as TRL does): the policy and the "
+                                        "reference then score the same tokens the same way at step 0."},
+    )
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    """Reads a YAML recipe (or starts from `base`), applies `dotted.key=value` overrides and validates everything."""
+    raw = dict(base or {})
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        return validate_train_config(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`a.b.c=value` sets raw['a']['b']['c']; the value is parsed as YAML (so 0.1, true, [a, b] are typed)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{item}': expected dotted.key=value")
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def validate_train_config(raw: dict) -> TrainConfig:
+    config = from_dict(TrainConfig, raw)
+    objective_params(config.objective)
+    reference_section(config.reference)
+    training_arguments_kwargs(config.training)
+    return config
+
+
+def objective_params(section: dict):
+    """Validates the `objective:` section → (objective class, its Params instance)."""
+    from align.objectives import OBJECTIVES
+
+    section = dict(section)
+    name = section.pop("name", None)
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name: unknown objective '{name}'; known: {', '.join(sorted(OBJECTIVES))}")
+    cls = OBJECTIVES[name]
+    return cls, from_dict(cls.Params, section, "objective.")
+
+
+def reference_section(section: dict):
+    """Validates the `reference:` section → (kind, params dict)."""
+    from align.references import REFERENCES
+
+    section = dict(section)
+    kind = section.pop("kind", "auto")
+    if kind != "auto" and kind not in REFERENCES:
+        raise ConfigError(f"reference.kind: unknown kind '{kind}'; known: auto, {', '.join(sorted(REFERENCES))}")
+    if kind != "auto":
+        from_dict(REFERENCES[kind].Params, section, "reference.")
+    elif section:
+        raise ConfigError(f"reference.{next(iter(section))}: kind 'auto' takes no parameters")
+    return kind, section
+
+
+def training_arguments_kwargs(section: dict) -> dict:
+    """Checks the `training:` section's keys and simple types against `transformers.TrainingArguments`."""
+    from transformers import TrainingArguments
+
+    hints = _type_hints(TrainingArguments)
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    out = {}
+    for key, value in section.items():
+        if key not in known:
+            raise ConfigError(f"training.{key}: not a transformers.TrainingArguments field")
+        out[key] = _coerce(value, hints.get(key, Any), f"training.{key}")
+    return out
+
+
+# --- generic dataclass validation --------------------------------------------------------------------------------
+
+
+@functools.cache
+def _type_hints(cls) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # unresolvable forward references: fall back to no type checks for that class
+        return {}
+
+
+def from_dict(cls, data: Any, prefix: str = ""):
+    """Builds dataclass `cls` from a mapping, naming the dotted key of any unknown key or wrongly typed value."""
+    section = prefix.rstrip(".") or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = _type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(fields)})")
+        kwargs[key] = _coerce(value, hints.get(key, Any), f"{prefix}{key}")
+    missing = [name for name, f in fields.items() if name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith(prefix) and prefix else f"{section}: {message}") from None
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is object:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else from_dict(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args if a is not type(None))}, "
+                          f"got {type(value).__name__} {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args and origin is list else Any
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{key}: must be one of {[m.value for m in tp]}, got {value!r}") from None
+    return value
+
+
+def config_to_dict(config) -> dict:
+    """Plain-dict view of a config (for writing the resolved recipe next to the outputs)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,521 @@
+"""Preference data for the DPO-family trainer: TRL's preference formats → validated token ids.
+
+Formats
+-------
+TRL's standard preference formats, taken as they are. The format is detected from the first row and every other
+row must have the same one; columns other than `prompt`/`chosen`/`rejected` are ignored.
+
+- explicit prompt, text:          `{"prompt": str, "chosen": str, "rejected": str}`
+- explicit prompt, conversational: the three fields are message lists `[{"role": ..., "content": ...}, ...]`
+- implicit prompt, text:          `{"chosen": str, "rejected": str}`; the prompt is their common prefix
+- implicit prompt, conversational: `{"chosen": [...], "rejected": [...]}`; the prompt is their common leading turns
+
+The implicit prompt is extracted with `trl.data_utils.extract_prompt` and chat templates are applied with
+`trl.data_utils.maybe_apply_chat_template`, so a dataset means here what it means to TRL. (As in TRL, a text
+`prompt` column next to conversational completions is ignored and the prompt extracted; and the text common prefix
+is taken character by character, so it can end inside a word — a warning counts such rows.) Roles must be one of
+system, user, assistant, tool, and contents must be non-empty strings. Every problem with a row is one `DataError`
+naming the file, the 1-based row number and the field (message fields as `chosen[1].role`, 0-based message index).
+
+Tokens
+------
+- prompt: as TRL 1.16 tokenizes it. A text prompt gets the tokenizer's own special tokens (`add_special_tokens=True`:
+  BOS for Llama-style tokenizers, nothing for Qwen-style ones). A chat-template prompt is tokenized with
+  `add_special_tokens=False`, because the template already writes whatever BOS the model expects. A doubled leading
+  BOS (text that already began with the BOS string) is collapsed to one. A prompt must have at least one token for the
+  first completion token to be predicted from: an empty one gets BOS, or is an error if the tokenizer has none.
+- chosen / rejected: `add_special_tokens=False`, then EOS appended unless it is already the last token, so the model
+  learns to stop. For chat templates the whitespace a template writes after the end-of-turn marker is dropped first
+  (otherwise `<|im_end|>\\n` would become `<|im_end|>\\n<|im_end|>` for tokenizers whose EOS is the end-of-turn).
+
+Length policy
+-------------
+`max_prompt_length` bounds the prompt, `max_length` bounds prompt + one completion (each of chosen and rejected is
+checked on its own); `None` means no bound.
+
+- `truncate` (default): a prompt longer than `max_prompt_length` keeps its LAST `max_prompt_length` tokens (the end
+  nearest the response, which matters most for it); then each completion keeps its FIRST
+  `max_length - len(prompt)` tokens (a cut completion loses its EOS). A prompt that alone still has
+  `>= max_length` tokens leaves no room for any completion token: that row is a `DataError`, because training on
+  it would teach nothing and silently skipping it would hide the problem.
+- `drop`: a row that would need any truncation under the rule above is dropped whole.
+
+Counts (prompts truncated, chosen truncated, rejected truncated, rows dropped) go into a `LengthReport`, which is
+logged on the `align.data` logger — at WARNING level whenever something was truncated or dropped. Dropping every
+row is a `DataError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.errors import ConfigError, DataError
+
+logger = logging.getLogger("align.data")
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+LENGTH_POLICIES = ("truncate", "drop")
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+# File extension → `datasets` builder.
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# Texts per tokenizer call: large enough for the fast tokenizer's batch path to pay off, small enough to bound the
+# memory of one call.
+TOKENIZE_CHUNK = 1000
+# A Hub dataset id is `name` or `namespace/name`; anything else that does not exist locally is a missing path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class DataConfig:
+    """Where the preference data comes from and how long its sequences may be."""
+
+    train: str = field(
+        metadata={"help": "Training preference data (required): a local .json/.jsonl/.parquet/.csv file, a folder "
+                          "written by `datasets.save_to_disk`, or a Hub dataset name."},
+    )
+    train_split: str = field(
+        default="train",
+        metadata={"help": "Split of `train` to use. A single file has only the split 'train'."},
+    )
+    eval: str | None = field(
+        default=None,
+        metadata={"help": "Evaluation preference data, same kinds of source as `train`; null for none."},
+    )
+    eval_split: str = field(
+        default="train",
+        metadata={"help": "Split of the `eval` source to use (a different source from `train`, hence 'train' by "
+                          "default; e.g. 'test' for a Hub dataset with both splits)."},
+    )
+    max_length: int | None = field(
+        default=1024,
+        metadata={"help": "Most tokens of prompt + one completion (chosen or rejected, each on its own); null for "
+                          "no bound."},
+    )
+    max_prompt_length: int | None = field(
+        default=512,
+        metadata={"help": "Most prompt tokens (after the chat template); a longer prompt keeps its last tokens. "
+                          "Null for no bound."},
+    )
+    length_policy: str = field(
+        default="truncate",
+        metadata={"help": "What to do with a row over the bounds: 'truncate' (prompt keeps its end, completions "
+                          "their start) or 'drop' (the row is left out). Both are counted and logged."},
+    )
+
+    def __post_init__(self):
+        def fail(name: str, problem: str):
+            raise ConfigError(f"data.{name}: {problem}")
+
+        if not isinstance(self.train, str) or not self.train.strip():
+            fail("train", f"must name the training data (a file, a save_to_disk folder or a Hub dataset), "
+                          f"got {self.train!r}")
+        if self.eval is not None and (not isinstance(self.eval, str) or not self.eval.strip()):
+            fail("eval", f"must name the evaluation data or be null, got {self.eval!r}")
+        for name in ("train_split", "eval_split"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                fail(name, f"must be a split name such as 'train', got {value!r}")
+        for name in ("max_length", "max_prompt_length"):
+            value = getattr(self, name)
+            # bool is an int subclass; `max_length: true` is a typo, not a length.
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                fail(name, f"must be a positive integer or null, got {value!r}")
+        if self.length_policy not in LENGTH_POLICIES:
+            fail("length_policy", f"must be one of {', '.join(LENGTH_POLICIES)}, got {self.length_policy!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_rows(source: str, split: str = "train") -> tuple[Any, str]:
+    """Loads the rows of `source` (see `DataConfig.train`) → (a `datasets.Dataset`, the name used in errors)."""
+    import datasets
+
+    name = source
+    path = Path(source).expanduser()
+    if path.is_dir():
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise DataError(name, None, None, f"folder is not a `datasets.save_to_disk` folder ({e})") from None
+        return _pick_split(loaded, split, name), name
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(name, None, None, f"unsupported file type {path.suffix!r}; use one of "
+                                              f"{', '.join(FILE_BUILDERS)} or a save_to_disk folder")
+        if split != "train":
+            raise DataError(name, None, None, f"split {split!r} not found: a single file has only the split 'train'")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train"), name
+        except Exception as e:  # malformed JSON/CSV/parquet; the reader's message says where
+            raise DataError(name, None, None, f"could not be read as {builder}: {_one_line(e)}") from None
+    if path.suffix.lower() in FILE_BUILDERS or not _HUB_ID.match(source):
+        raise DataError(name, None, None, "file not found")
+    try:
+        return datasets.load_dataset(source, split=split), name
+    except ValueError as e:
+        if "Unknown split" not in str(e):
+            raise DataError(name, None, None, f"could not be loaded from the Hub: {_one_line(e)}") from None
+        # datasets' message lists the available splits
+        raise DataError(name, None, None, f"split {split!r} not found ({_one_line(e)})") from None
+    except Exception as e:
+        raise DataError(name, None, None, f"is neither a local file or folder nor a dataset that could be loaded "
+                                          f"from the Hub ({type(e).__name__}: {_one_line(e)})") from None
+
+
+def _pick_split(loaded, split: str, name: str):
+    import datasets
+
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(name, None, None, f"split {split!r} not found; available splits: "
+                                              f"{', '.join(repr(s) for s in loaded)}")
+        return loaded[split]
+    if split != "train":  # a single saved Dataset has no splits; treat it like a single file
+        raise DataError(name, None, None, f"split {split!r} not found: the folder holds a single dataset, whose "
+                                          f"only split is 'train'")
+    return loaded
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row validation. Small functions, reused for other row shapes (e.g. reward-model prompt/response rows).
+
+
+def require(example: dict, name: str, *, source: str, row: int):
+    """The value of field `name`, or a DataError if it is missing or null."""
+    if name not in example:
+        raise DataError(source, row, name, "is missing")
+    value = example[name]
+    if value is None:
+        raise DataError(source, row, name, "is null")
+    return value
+
+
+def check_text(value, *, source: str, row: int, name: str) -> str:
+    """`value` as a non-empty string, or a DataError."""
+    if value is None:
+        raise DataError(source, row, name, "is null")
+    if not isinstance(value, str):
+        raise DataError(source, row, name, f"must be a string, got {_kind(value)}")
+    if not value.strip():
+        raise DataError(source, row, name, "is empty" if not value else "is whitespace only")
+    return value
+
+
+def check_messages(value, *, source: str, row: int, name: str) -> list[dict]:
+    """`value` as a non-empty list of `{"role", "content"}` chat messages, or a DataError naming the message."""
+    if not isinstance(value, list):
+        raise DataError(source, row, name, f"must be a list of chat messages, got {_kind(value)}")
+    if not value:
+        raise DataError(source, row, name, "is an empty list of messages")
+    for i, message in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(source, row, where, f"must be a message dict with 'role' and 'content', "
+                                                f"got {_kind(message)}")
+        for key in ("role", "content"):
+            if message.get(key) is None:
+                raise DataError(source, row, f"{where}.{key}", "is missing")
+        if message["role"] not in CHAT_ROLES:
+            raise DataError(source, row, f"{where}.role", f"unknown chat role {message['role']!r}; allowed: "
+                                                          f"{', '.join(CHAT_ROLES)}")
+        check_text(message["content"], source=source, row=row, name=f"{where}.content")
+    return value
+
+
+def is_messages(value) -> bool:
+    """Whether `value` looks like a conversation (TRL's `is_conversational` test, without its IndexError on [])."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def _kind(value) -> str:
+    if is_messages(value):
+        return "a list of chat messages"
+    return type(value).__name__
+
+
+@dataclass(frozen=True)
+class PreferenceFormat:
+    conversational: bool
+    explicit_prompt: bool
+
+    def __str__(self):
+        return (f"{'explicit' if self.explicit_prompt else 'implicit'}-prompt "
+                f"{'conversational' if self.conversational else 'text'}")
+
+
+def detect_format(example: dict, *, source: str) -> PreferenceFormat:
+    """The preference format of the first row (row 1)."""
+    chosen = require(example, "chosen", source=source, row=1)
+    require(example, "rejected", source=source, row=1)
+    if isinstance(chosen, list):
+        conversational = True
+    elif isinstance(chosen, str):
+        conversational = False
+    else:
+        raise DataError(source, 1, "chosen", f"must be a string or a list of chat messages, got {_kind(chosen)}")
+    if "prompt" not in example:
+        return PreferenceFormat(conversational, explicit_prompt=False)
+    prompt = require(example, "prompt", source=source, row=1)
+    if conversational and isinstance(prompt, str):
+        # TRL's `maybe_extract_prompt` rule: some datasets carry a text prompt next to conversations that already
+        # contain it; the prompt is then extracted from the conversations and the text column ignored.
+        return PreferenceFormat(True, explicit_prompt=False)
+    if not conversational and not isinstance(prompt, str):
+        raise DataError(source, 1, "prompt", f"must be a string like 'chosen', got {_kind(prompt)}")
+    return PreferenceFormat(conversational, explicit_prompt=True)
+
+
+def _check_field(value, fmt: PreferenceFormat, *, source: str, row: int, name: str):
+    # A value of the other family (text vs messages) is a format change, which says more than "wrong type".
+    if fmt.conversational and isinstance(value, str):
+        raise DataError(source, row, name, f"is a string but row 1 is {fmt}; every row must have row 1's format")
+    if not fmt.conversational and is_messages(value):
+        raise DataError(source, row, name, f"is a list of chat messages but row 1 is {fmt}; every row must have "
+                                           f"row 1's format")
+    if fmt.conversational:
+        return check_messages(value, source=source, row=row, name=name)
+    return check_text(value, source=source, row=row, name=name)
+
+
+def validate_preference_row(example: dict, fmt: PreferenceFormat, *, source: str, row: int) -> dict:
+    """Checks one row against `fmt` → `{"prompt", "chosen", "rejected"}` (prompt extracted if implicit)."""
+    from trl.data_utils import extract_prompt
+
+    out = {name: _check_field(require(example, name, source=source, row=row), fmt, source=source, row=row,
+                              name=name)
+           for name in ("chosen", "rejected")}
+    if fmt.explicit_prompt:
+        out["prompt"] = _check_field(require(example, "prompt", source=source, row=row), fmt, source=source, row=row,
+                                     name="prompt")
+    else:
+        prompt = example.get("prompt")
+        if prompt is not None and isinstance(prompt, list) == fmt.conversational:
+            raise DataError(source, row, "prompt", f"is given but row 1 is {fmt} (it has no prompt); every row must "
+                                                   f"have row 1's format")
+        chosen, rejected = out["chosen"], out["rejected"]
+        # `extract_prompt` assumes chosen and rejected differ after a common prefix: for identical pairs or when one
+        # is a prefix of the other it cuts one character/message too early, and on a first-character difference
+        # it may cut at -1. Such rows have no well-defined implicit prompt.
+        if chosen == rejected:
+            raise DataError(source, row, "chosen", "chosen and rejected are identical, so no prompt can be "
+                                                   "extracted (and the pair teaches nothing)")
+        shorter, longer = sorted((chosen, rejected), key=len)
+        if longer[:len(shorter)] == shorter:
+            raise DataError(source, row, "chosen" if shorter is chosen else "rejected",
+                            "is a prefix of the other completion, so the implicit prompt (their common prefix) "
+                            "leaves it empty")
+        if chosen[0] != rejected[0]:
+            raise DataError(source, row, "prompt", "the implicit prompt is empty: chosen and rejected have no "
+                                                   "common prefix; add a 'prompt' field")
+        out = extract_prompt({"chosen": chosen, "rejected": rejected})
+        if not out["prompt"] or (isinstance(out["prompt"], str) and not out["prompt"].strip()):
+            raise DataError(source, row, "prompt", "the implicit prompt (common prefix of chosen and rejected) is "
+                                                   "empty; add a 'prompt' field")
+    if fmt.conversational and out["prompt"][-1]["role"] == "system":
+        # Nothing to complete after a system turn; TRL's template code rejects it with a bare ValueError.
+        raise DataError(source, row, f"prompt[{len(out['prompt']) - 1}].role",
+                        "the prompt's last message is a system message; it must end with a user, tool or "
+                        "assistant message")
+    return out
+
+
+def validate_preference_rows(rows, *, source: str) -> tuple[list[dict], PreferenceFormat]:
+    """Checks every row (a `datasets.Dataset` or a list of dicts) → (validated rows, the dataset's format)."""
+    if hasattr(rows, "select_columns"):  # datasets.Dataset: read only the columns we use, as plain Python
+        rows = rows.select_columns([c for c in PREFERENCE_FIELDS if c in rows.column_names]).to_list()
+    if len(rows) == 0:
+        raise DataError(source, None, None, "has no rows")
+    first = rows[0]
+    if not isinstance(first, dict):
+        raise DataError(source, 1, None, f"must be a dict with 'chosen' and 'rejected', got {_kind(first)}")
+    fmt = detect_format(first, source=source)
+    checked = []
+    for i, example in enumerate(rows, start=1):
+        if not isinstance(example, dict):
+            raise DataError(source, i, None, f"must be a dict with 'chosen' and 'rejected', got {_kind(example)}")
+        checked.append(validate_preference_row(example, fmt, source=source, row=i))
+    return checked, fmt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenization and the length policy
+
+
+@dataclass
+class LengthReport:
+    """What the length policy did to one dataset."""
+
+    source: str
+    rows: int
+    kept: int
+    prompts_truncated: int = 0
+    chosen_truncated: int = 0
+    rejected_truncated: int = 0
+    dropped: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.source}: kept {self.kept} of {self.rows} rows; truncated {self.prompts_truncated} prompts, "
+                f"{self.chosen_truncated} chosen, {self.rejected_truncated} rejected; dropped {self.dropped} rows")
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.prompts_truncated or self.chosen_truncated or self.rejected_truncated or self.dropped)
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Tokenized preference pairs: items `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}` (lists)."""
+
+    def __init__(self, prompt_input_ids: list[list[int]], chosen_input_ids: list[list[int]],
+                 rejected_input_ids: list[list[int]]):
+        assert len(prompt_input_ids) == len(chosen_input_ids) == len(rejected_input_ids)
+        self.prompt_input_ids = prompt_input_ids
+        self.chosen_input_ids = chosen_input_ids
+        self.rejected_input_ids = rejected_input_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return {"prompt_input_ids": self.prompt_input_ids[index], "chosen_input_ids": self.chosen_input_ids[index],
+                "rejected_input_ids": self.rejected_input_ids[index]}
+
+
+def _tokenize_batched(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        ids.extend(tokenizer(texts[start:start + TOKENIZE_CHUNK], add_special_tokens=add_special_tokens)["input_ids"])
+    return ids
+
+
+def _render(rows: list[dict], fmt: PreferenceFormat, tokenizer, source: str) -> list[dict]:
+    """Conversations → text with the tokenizer's chat template, as TRL renders them; text rows pass through."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    if not fmt.conversational:
+        return rows
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError(source, None, None, "rows are conversational but the tokenizer has no chat template")
+    rendered = []
+    for i, example in enumerate(rows, start=1):
+        try:
+            texts = maybe_apply_chat_template(example, tokenizer)
+        except Exception as e:  # jinja errors raised by the model's own template (e.g. role alternation)
+            raise DataError(source, i, None, f"the chat template failed: {_one_line(e)}") from None
+        # See the module docstring: the end-of-turn marker, not the whitespace after it, ends the completion.
+        rendered.append({"prompt": texts["prompt"], "chosen": texts["chosen"].rstrip(),
+                         "rejected": texts["rejected"].rstrip()})
+    return rendered
+
+
+def _warn_mid_word_prompts(rows: list[dict], source: str):
+    mid_word = sum(1 for r in rows if not r["prompt"][-1].isspace()
+                   and not (r["chosen"][0].isspace() and r["rejected"][0].isspace()))
+    if mid_word:
+        logger.warning("%s: in %d of %d rows the implicit prompt (the common prefix of chosen and rejected, as TRL "
+                       "extracts it) ends inside a word; give these rows an explicit 'prompt'", source, mid_word,
+                       len(rows))
+
+
+def tokenize_preference_rows(rows, tokenizer, *, source: str = "<rows>", max_length: int | None = 1024,
+                             max_prompt_length: int | None = 512, length_policy: str = "truncate",
+                             ) -> tuple[PreferenceDataset, LengthReport]:
+    """Validates, renders and tokenizes preference rows (a `datasets.Dataset` or a list of dicts) and applies the
+    length policy of the module docstring. `source` names the rows in errors and in the report."""
+    if length_policy not in LENGTH_POLICIES:
+        raise ConfigError(f"data.length_policy: must be one of {', '.join(LENGTH_POLICIES)}, got {length_policy!r}")
+    checked, fmt = validate_preference_rows(rows, source=source)
+    if not fmt.conversational and not fmt.explicit_prompt:
+        _warn_mid_word_prompts(checked, source)
+    texts = _render(checked, fmt, tokenizer, source)
+
+    # TRL 1.16 tokenizes a text prompt with the tokenizer's special tokens and a templated one without (the template
+    # holds them); completions never get any.
+    prompts = _tokenize_batched(tokenizer, [t["prompt"] for t in texts], add_special_tokens=not fmt.conversational)
+    chosens = _tokenize_batched(tokenizer, [t["chosen"] for t in texts], add_special_tokens=False)
+    rejecteds = _tokenize_batched(tokenizer, [t["rejected"] for t in texts], add_special_tokens=False)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    report = LengthReport(source=source, rows=len(texts), kept=0)
+    kept_p, kept_c, kept_r = [], [], []
+    for row, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds, strict=True), start=1):
+        if bos is not None and len(p) >= 2 and p[0] == p[1] == bos:
+            p = p[1:]
+        if not p:
+            if bos is None:
+                raise DataError(source, row, "prompt", "tokenizes to no tokens and the tokenizer has no BOS token "
+                                                       "to stand in for it")
+            p = [bos]
+        if eos is not None:
+            if not c or c[-1] != eos:
+                c = c + [eos]
+            if not r or r[-1] != eos:
+                r = r + [eos]
+        for name, ids in (("chosen", c), ("rejected", r)):
+            if not ids:
+                raise DataError(source, row, name, "tokenizes to no tokens")
+
+        prompt_over = max_prompt_length is not None and len(p) > max_prompt_length
+        if length_policy == "drop":
+            room = None if max_length is None else max_length - len(p)
+            if prompt_over or (room is not None and (len(c) > room or len(r) > room)):
+                report.dropped += 1
+                continue
+        else:
+            if prompt_over:
+                p = p[-max_prompt_length:]
+                report.prompts_truncated += 1
+            if max_length is not None:
+                room = max_length - len(p)
+                if room <= 0:
+                    raise DataError(source, row, "prompt", f"prompt has {len(p)} tokens but max_length is "
+                                                           f"{max_length}, leaving no room for the completion; "
+                                                           f"raise max_length, set max_prompt_length below "
+                                                           f"max_length, or use length_policy: drop")
+                if len(c) > room:
+                    c = c[:room]
+                    report.chosen_truncated += 1
+                if len(r) > room:
+                    r = r[:room]
+                    report.rejected_truncated += 1
+        kept_p.append(p)
+        kept_c.append(c)
+        kept_r.append(r)
+
+    report.kept = len(kept_p)
+    logger.log(logging.WARNING if report.changed else logging.INFO, "%s", report.summary())
+    if not kept_p:
+        raise DataError(source, None, None, f"all {report.rows} rows were dropped by length_policy 'drop' "
+                                            f"(max_length={max_length}, max_prompt_length={max_prompt_length}); "
+                                            f"raise the limits or use length_policy: truncate")
+    return PreferenceDataset(kept_p, kept_c, kept_r), report
+
+
+def build_preference_dataset(config: DataConfig, tokenizer, which: str = "train",
+                             ) -> tuple[PreferenceDataset, LengthReport]:
+    """Loads and tokenizes the `which` ("train" or "eval") data of `config`."""
+    if which == "train":
+        source, split = config.train, config.train_split
+    elif which == "eval":
+        if config.eval is None:
+            raise ConfigError("data.eval: is not set, so there is no evaluation data to build")
+        source, split = config.eval, config.eval_split
+    else:
+        raise ValueError(f"which must be 'train' or 'eval', got {which!r}")
+    rows, name = load_rows(source, split)
+    return tokenize_preference_rows(rows, tokenizer, source=name, max_length=config.max_length,
+                                    max_prompt_length=config.max_prompt_length,
+                                    length_policy=config.length_policy)

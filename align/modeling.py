@@ -1,0 +1,120 @@
+"""Loading policies and tokenizers: one code path for a Hub name and a local `save_pretrained` folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from align.errors import ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapter trained instead of the full weights (`peft.LoraConfig`). The reference is then the base model
+    with the adapter disabled: no second model in memory."""
+
+    r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: Any = field(
+        default="all-linear",
+        metadata={"help": "Module names (list) or 'all-linear' to adapt every linear layer except the LM head."},
+    )
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"r must be >= 1, got {self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: a Hub name or a local folder, loaded with `AutoModelForCausalLM.from_pretrained`."""
+
+    name_or_path: str = field(default="", metadata={"help": "Hub model id or local `save_pretrained` folder."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weight dtype: float32 | bfloat16 | float16 | auto. `auto` is float32 on CPU (bf16 matmuls "
+                          "are emulated there, ~60x slower) and bfloat16 on a GPU that supports it."},
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "sdpa | eager. align packs chosen and rejected behind one shared prompt with a custom 4D "
+                          "attention mask, which flash-attention kernels cannot take."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the Hub."})
+    lora: LoraSection | None = field(default=None, metadata={"help": "Train a LoRA adapter (see LoraSection)."})
+
+    def __post_init__(self):
+        if not self.name_or_path:
+            raise ConfigError("name_or_path is required")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got '{self.dtype}'")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError(f"attn_implementation must be sdpa or eager, got '{self.attn_implementation}' "
+                              "(align's shared-prompt mask needs an attention that takes a 4D mask)")
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+
+def load_tokenizer(config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, revision=config.revision,
+                                                  trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path '{config.name_or_path}': cannot load a tokenizer "
+                          f"({str(e).splitlines()[0]})") from e
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id works; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(config: ModelConfig, name_or_path: str | None = None):
+    """Loads `name_or_path` (default: the policy's) with the policy's dtype and attention settings."""
+    from transformers import AutoModelForCausalLM
+
+    path = name_or_path or config.name_or_path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=config.torch_dtype(), attn_implementation=config.attn_implementation,
+            revision=config.revision, trust_remote_code=config.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load model '{path}' ({str(e).splitlines()[0]})") from e
+    # The KV cache is useless in training and the packed forward never asks for it.
+    model.config.use_cache = False
+    return model
+
+
+def load_policy(config: ModelConfig):
+    """The trainable policy: the causal LM, wrapped in a fresh LoRA adapter when `config.lora` is set."""
+    model = load_causal_lm(config)
+    if config.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(task_type="CAUSAL_LM", r=config.lora.r, lora_alpha=config.lora.lora_alpha,
+                          lora_dropout=config.lora.lora_dropout, target_modules=config.lora.target_modules)
+        model = get_peft_model(model, lora)
+    return model
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)

@@ -1,0 +1,146 @@
+"""The reference manager: the one object the trainer asks for reference log-probs.
+
+A reference *kind* is a `Reference` subclass registered by name; the config's `reference:` section picks one and
+gives its parameters (`reference: {kind: frozen, name_or_path: ...}`). The trainer only calls the interface:
+
+    reference.prepare(accelerator)          # once, after the accelerator exists (device placement, ZeRO-3 sharding)
+    reference.logps(policy, batch)          # PairLogps under no_grad, for a SharedPromptCollator batch
+    reference.on_step_end(policy, step)     # after every optimizer step (TR-DPO moves the reference here)
+    reference.state_dict() / load_state_dict(state)   # carried by every checkpoint
+
+Kinds here: `frozen` (a frozen copy of the initial policy, or another model) and `peft_disabled` (the policy's
+base model with its LoRA adapter switched off: no second model in memory). `auto` picks `peft_disabled` for a
+LoRA policy and `frozen` otherwise. Later kinds (`tr_dpo`, `soup`, `precomputed`) register the same way.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from align.errors import ConfigError
+from align.logps import PairLogps, pair_logps
+from align.modeling import ModelConfig, is_peft_model, load_causal_lm
+
+REFERENCES: dict[str, type["Reference"]] = {}
+
+
+def register_reference(kind: str):
+    def decorator(cls):
+        cls.kind = kind
+        REFERENCES[kind] = cls
+        return cls
+
+    return decorator
+
+
+class Reference(abc.ABC):
+    """Base class of reference kinds. Subclasses set `Params` (a documented dataclass) and implement `logps`."""
+
+    kind: ClassVar[str]
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, params, *, policy, model_config: ModelConfig):
+        self.params = params
+        self.accelerator = None
+
+    def prepare(self, accelerator) -> None:
+        self.accelerator = accelerator
+
+    @abc.abstractmethod
+    def logps(self, policy, batch: dict) -> PairLogps:
+        """Reference token log-probs of a `SharedPromptCollator` batch (no gradient)."""
+
+    def on_step_end(self, policy, step: int) -> None:
+        """Called after optimizer step `step` (1-based, counts optimizer steps, not micro-batches)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def reference_params(kind: str, params: dict[str, Any]):
+    """Validates `params` for reference `kind`; errors name the key (`reference.<key>`)."""
+    if kind not in REFERENCES:
+        raise ConfigError(f"reference.kind: unknown kind '{kind}'; known: auto, {', '.join(sorted(REFERENCES))}")
+    cls = REFERENCES[kind].Params
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in params:
+        if key not in known:
+            raise ConfigError(f"reference.{key}: not a parameter of reference kind '{kind}' "
+                              f"(known: {', '.join(sorted(known)) or 'none'})")
+    try:
+        return cls(**params)
+    except ConfigError as e:
+        raise ConfigError(f"reference.{e}") from None
+
+
+def resolve_kind(kind: str, policy) -> str:
+    if kind == "auto":
+        return "peft_disabled" if is_peft_model(policy) else "frozen"
+    return kind
+
+
+def build_reference(kind: str, params: dict[str, Any], *, policy, model_config: ModelConfig) -> Reference:
+    kind = resolve_kind(kind, policy)
+    return REFERENCES[kind](reference_params(kind, params), policy=policy, model_config=model_config)
+
+
+@register_reference("frozen")
+class FrozenReference(Reference):
+    """A separate frozen model: by default the policy's initial weights, loaded again from the same path."""
+
+    @dataclass
+    class Params:
+        name_or_path: str | None = field(
+            default=None,
+            metadata={"help": "Model to use as the reference (Hub id or folder). Default: the policy's "
+                              "`model.name_or_path`, i.e. a frozen copy of the initial policy."},
+        )
+
+    def __init__(self, params, *, policy, model_config):
+        super().__init__(params, policy=policy, model_config=model_config)
+        # Loading from the path (rather than deep-copying the policy) also works under ZeRO-3, where the policy's
+        # parameters are already partitioned when the reference is built.
+        self.model = load_causal_lm(model_config, params.name_or_path).eval().requires_grad_(False)
+
+    def prepare(self, accelerator) -> None:
+        super().prepare(accelerator)
+        if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+            from trl.models.utils import prepare_deepspeed
+
+            # ZeRO-3 shards the reference like the policy; other stages keep a full copy per rank.
+            self.model = prepare_deepspeed(self.model, accelerator)
+        else:
+            self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+
+    @torch.no_grad()
+    def logps(self, policy, batch) -> PairLogps:
+        return pair_logps(self.model, batch)
+
+
+@register_reference("peft_disabled")
+class PeftDisabledReference(Reference):
+    """The LoRA policy's base model with the adapter disabled: the reference costs no extra memory."""
+
+    def __init__(self, params, *, policy, model_config):
+        super().__init__(params, policy=policy, model_config=model_config)
+        if not is_peft_model(policy):
+            raise ConfigError("reference.kind: 'peft_disabled' needs a LoRA policy (set model.lora)")
+
+    @torch.no_grad()
+    def logps(self, policy, batch) -> PairLogps:
+        peft_model = self.accelerator.unwrap_model(policy) if self.accelerator is not None else policy
+        # Run the (possibly DDP/DeepSpeed-wrapped) policy itself so wrappers see a normal forward.
+        with peft_model.disable_adapter() if is_peft_model(peft_model) else contextlib.nullcontext():
+            return pair_logps(policy, batch)

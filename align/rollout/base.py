@@ -1,0 +1,50 @@
+"""The rollout interface shared by every backend."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. The same fields mean the same thing in every backend."""
+
+    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens generated per completion."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature; 0 means greedy."})
+    top_k: int = field(default=0, metadata={"help": "Keep the k most likely tokens; 0 disables."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass; 1.0 disables."})
+    seed: int | None = field(default=None, metadata={"help": "Seed for this call; None continues the global RNG."})
+
+
+@dataclass
+class Completion:
+    """One sampled completion.
+
+    Attributes:
+        prompt_index: index of its prompt in the `generate` call.
+        token_ids: generated ids, ending with EOS when `finished`.
+        text: decoded text without special tokens.
+        logps: `[len(token_ids)]` fp32 log-probs of the tokens under the sampling policy (temperature applied;
+            top-k/top-p truncation not renormalised).
+        finished: True when the completion ended with EOS (not cut by `max_new_tokens`).
+    """
+
+    prompt_index: int
+    token_ids: list[int]
+    text: str
+    logps: torch.Tensor
+    finished: bool
+
+
+class RolloutBackend(abc.ABC):
+    @abc.abstractmethod
+    def generate(self, prompts: list[str], n: int = 1, sampling: SamplingParams | None = None
+                 ) -> list[list[Completion]]:
+        """`n` completions for each prompt: result[i][j] is the j-th completion of prompts[i]."""
+
+    @abc.abstractmethod
+    def load_weights(self, model) -> None:
+        """Makes the backend sample from `model`'s current weights (on-policy training)."""

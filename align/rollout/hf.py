@@ -1,0 +1,66 @@
+"""Rollouts with transformers `generate` (batched, KV cache): the CPU default backend."""
+
+from __future__ import annotations
+
+import torch
+
+from align.logps import score_completions
+from align.rollout.base import Completion, RolloutBackend, SamplingParams
+
+
+class HFRollout(RolloutBackend):
+    """Samples with `model.generate` in left-padded batches of `batch_size` sequences.
+
+    Prompts are tokenized as the preference data pipeline tokenizes text prompts (`add_special_tokens=True`), so
+    sampled pairs train on exactly the contexts they were sampled from. Per-token log-probs are recomputed with one
+    teacher-forced pass instead of keeping generate's `[batch, T, vocab]` scores.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64, progress: bool = False):
+        self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
+
+    def load_weights(self, model) -> None:
+        # generate runs on the very module being trained: pointing at it is the whole weight sync.
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], n: int = 1, sampling: SamplingParams | None = None
+                 ) -> list[list[Completion]]:
+        sampling = sampling or SamplingParams()
+        tok, model = self.tokenizer, self.model
+        prompt_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
+        jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
+        eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        gen_kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                          do_sample=sampling.temperature > 0, use_cache=True)
+        if sampling.temperature > 0:
+            gen_kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+        generated: list[list[int]] = []
+        steps = range(0, len(jobs), self.batch_size)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="sampling", unit="batch")
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            for start in steps:
+                chunk = [prompt_ids[i] for i, _ in jobs[start:start + self.batch_size]]
+                width = max(map(len, chunk))
+                input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+                attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+                for row in out[:, width:].tolist():
+                    cut = row.index(eos) + 1 if eos in row else len(row)
+                    generated.append(row[:cut])
+        model.train(was_training)
+        logps = score_completions(model, [prompt_ids[i] for i, _ in jobs], generated,
+                                  temperature=sampling.temperature or 1.0, batch_size=self.batch_size)
+        result: list[list[Completion]] = [[] for _ in prompts]
+        for (i, _), ids, lp in zip(jobs, generated, logps):
+            result[i].append(Completion(prompt_index=i, token_ids=ids, logps=lp, finished=bool(ids) and ids[-1] == eos,
+                                        text=tok.decode(ids, skip_special_tokens=True)))
+        return result

@@ -1,0 +1,79 @@
+"""The `align train` recipe: preference data → policy and reference → objective → Trainer → final model.
+
+Reads top to bottom; each component is built by its own module from its config section.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from align.config import (TrainConfig, config_to_dict, objective_params, reference_section,
+                          training_arguments_kwargs)
+from align.data import build_preference_dataset
+from align.io import atomic_directory, atomic_write_json, atomic_write_text
+from align.modeling import load_policy, load_tokenizer
+from align.references import build_reference
+from align.trainer import PreferenceTrainer, disable_dropout, training_arguments
+
+logger = logging.getLogger("align.train")
+
+
+def train(config: TrainConfig) -> dict:
+    """Runs one preference-training job and returns its summary (also written to `<output_dir>/train_summary.json`).
+
+    Outputs under `training.output_dir`: `checkpoint-*/` (Trainer checkpoints, resumable), `final/` (the trained
+    model and tokenizer, written atomically), `align_config.yaml` (the resolved recipe), `train_summary.json`.
+    """
+    from transformers import set_seed
+
+    # TrainingArguments first: with a ZeRO-3 `deepspeed` config it must exist before any model is loaded, so that
+    # `from_pretrained` partitions the weights as it loads them.
+    args = training_arguments(training_arguments_kwargs(config.training), seed=config.seed)
+    set_seed(config.seed)
+
+    # Data is loaded and checked before anything is written, so bad input leaves no half-made output directory.
+    tokenizer = load_tokenizer(config.model)
+    train_dataset, train_report = build_preference_dataset(config.data, tokenizer, "train")
+    eval_dataset = None
+    if config.data.eval is not None:
+        eval_dataset, _ = build_preference_dataset(config.data, tokenizer, "eval")
+
+    policy = load_policy(config.model)
+    if config.disable_dropout:
+        disable_dropout(policy)
+    kind, params = reference_section(config.reference)
+    reference = build_reference(kind, params, policy=policy, model_config=config.model)
+    objective_cls, objective_config = objective_params(config.objective)
+    objective = objective_cls(objective_config, seed=config.seed)
+
+    trainer = PreferenceTrainer(model=policy, args=args, objective=objective, reference=reference,
+                                train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
+    output_dir = Path(args.output_dir)
+    if trainer.is_world_process_zero():
+        atomic_write_text(output_dir / "align_config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    resume = args.resume_from_checkpoint
+    result = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+
+    final_dir = output_dir / "final"
+    # Every process takes part in saving (ZeRO-3 gathers shards); only the main one writes and renames.
+    if trainer.is_world_process_zero():
+        with atomic_directory(final_dir) as tmp:
+            trainer.save_model(str(tmp))
+    else:
+        trainer.save_model(str(output_dir / ".final-unused"))
+    summary = {
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        "data": vars(train_report),
+        "final_model": str(final_dir),
+        "last_log": trainer.state.log_history[-2] if len(trainer.state.log_history) > 1 else {},
+    }
+    if eval_dataset is not None:
+        summary["eval"] = trainer.evaluate()
+    if trainer.is_world_process_zero():
+        atomic_write_json(output_dir / "train_summary.json", summary)
+    return summary

@@ -1,0 +1,166 @@
+"""`PreferenceTrainer`: the DPO family as a thin layer over `transformers.Trainer`.
+
+DeepSpeed, gradient accumulation, mixed precision, checkpointing, evaluation and `report_to` come from
+`transformers.Trainer`. This class adds three things:
+
+1. `compute_loss`: policy log-probs from ONE forward over the shared-prompt batch (`align.logps`), reference
+   log-probs from the reference manager, losses from the objective (a pure function of log-probs);
+2. the metrics TRL users expect (`rewards/*`, `logps/*`, `kl/reference`, `length/*`), averaged over the logging
+   window and across processes;
+3. the reference's per-step hook (`on_step_end`, TR-DPO) and the objective's and reference's state in every
+   checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from align.logps import PairLogps, SharedPromptCollator, pair_logps
+
+#: Where align's defaults differ from `transformers.TrainingArguments`; a recipe's `training:` keys win.
+ALIGN_TRAINING_DEFAULTS = {
+    "learning_rate": 1e-6,  # TRL's DPOConfig default; DPO-family losses diverge at SFT-like learning rates
+    "logging_steps": 10,
+    "report_to": "none",
+    "save_only_model": False,
+    # Mixed precision and gradient checkpointing are decided in `training_arguments` by the hardware: on CPU bf16
+    # matmuls are emulated (~60x slower) and recomputation only costs time, so both stay off there.
+}
+
+
+def training_arguments(section: dict, *, seed: int) -> TrainingArguments:
+    """Builds `TrainingArguments` from a validated `training:` section plus align's defaults."""
+    kwargs = {**ALIGN_TRAINING_DEFAULTS, "seed": seed, **section}
+    if "output_dir" not in kwargs:
+        from align.errors import ConfigError
+
+        raise ConfigError("training.output_dir: required key is missing")
+    on_gpu = torch.cuda.is_available()
+    if not kwargs.get("fp16") and "bf16" not in kwargs:
+        kwargs["bf16"] = on_gpu and torch.cuda.is_bf16_supported()
+    kwargs.setdefault("gradient_checkpointing", False)
+    kwargs["remove_unused_columns"] = False  # our batches are built by SharedPromptCollator, not by column names
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as e:
+        from align.errors import ConfigError
+
+        raise ConfigError(f"training: {str(e).splitlines()[0]}") from None
+
+
+class _ReferenceStepHook(TrainerCallback):
+    """Calls `reference.on_step_end(policy, step)` after every optimizer step."""
+
+    def __init__(self, trainer: "PreferenceTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.reference.on_step_end(self.trainer.model, state.global_step)
+
+
+class PreferenceTrainer(Trainer):
+    """Trains a policy on preference pairs with any registered objective and reference kind.
+
+    Args:
+        model: the policy (`PreTrainedModel` or `PeftModel`).
+        args: `TrainingArguments` (see `training_arguments`).
+        objective: an `align.objectives.Objective` (pure loss of policy and reference `PairLogps`).
+        reference: an `align.references.Reference`.
+        train_dataset / eval_dataset: items `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}`.
+        processing_class: the tokenizer (its pad id pads batches; it is saved with checkpoints).
+    """
+
+    def __init__(self, *, model, args, objective, reference, train_dataset, eval_dataset=None,
+                 processing_class=None, data_collator=None, callbacks=None):
+        if data_collator is None:
+            data_collator = SharedPromptCollator(processing_class.pad_token_id)
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
+        # Our loss is a mean over pairs, not a sum over tokens: let the Trainer divide by accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.objective = objective
+        self.reference = reference
+        self.reference.prepare(self.accelerator)
+        self.add_callback(_ReferenceStepHook(self))
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    # --- loss ---------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        policy = pair_logps(model, inputs)
+        reference = self.reference.logps(model, inputs)
+        losses, metrics = self.objective(policy, reference)
+        self._record_metrics("train" if model.training else "eval", metrics, policy, reference)
+        loss = losses.mean()
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # --- metrics ------------------------------------------------------------------------------------------------
+
+    def _record_metrics(self, mode: str, metrics: dict, policy: PairLogps, reference: PairLogps) -> None:
+        policy_chosen, policy_rejected = policy.chosen_sum().detach(), policy.rejected_sum().detach()
+        per_example = {
+            **metrics,
+            "logps/chosen": policy_chosen,
+            "logps/rejected": policy_rejected,
+            # Mean sequence log-ratio log π − log π_ref over the batch's chosen and rejected responses. These are
+            # not samples of the policy, so this tracks drift on the data; on-policy KL is measured by sampling
+            # (quickstart, best-of-n).
+            "kl/reference": 0.5 * ((policy_chosen - reference.chosen_sum()) + (policy_rejected - reference.rejected_sum())),
+            "length/chosen": policy.chosen_mask.sum(-1).float(),
+            "length/rejected": policy.rejected_mask.sum(-1).float(),
+        }
+        for key, value in per_example.items():
+            value = value.detach().float().reshape(-1)
+            self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            logs[prefix + key] = sum(values) / len(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # --- state that must survive a restart ----------------------------------------------------------------------
+
+    def _align_state_file(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"align_state_{self.args.process_index}.pt")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        # Called once per process for every checkpoint, next to the RNG states: the objective's sampler (SamPO) and
+        # the reference's state (TR-DPO step counter) belong with them.
+        super()._save_rng_state(output_dir)
+        state = {"objective": self.objective.state_dict(), "reference": self.reference.state_dict()}
+        tmp = self._align_state_file(output_dir) + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self._align_state_file(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = self._align_state_file(checkpoint)
+        if not os.path.isfile(path):
+            from align.errors import AlignError
+
+            raise AlignError(f"{checkpoint}: missing {os.path.basename(path)}; cannot resume the objective and "
+                             "reference state exactly")
+        state = torch.load(path, weights_only=False)
+        self.objective.load_state_dict(state["objective"])
+        self.reference.load_state_dict(state["reference"])
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
