@@ -108,8 +108,8 @@ def test_batched_tokenization_matches_across_chunks(toy_tokenizer, toy_preferenc
     assert len(whole) == 64 and list(whole) == list(chunked)
     for row, item in zip(toy_preference_rows, whole):
         assert toy_tokenizer.decode(item["prompt_input_ids"]) == "<bos> " + row["prompt"]
-        assert toy_tokenizer.decode(item["chosen_input_ids"]) == row["chosen"] + " <eos>"
-        assert toy_tokenizer.decode(item["rejected_input_ids"]) == row["rejected"] + " <eos>"
+        assert toy_tokenizer.decode(item["chosen_input_ids"]) == row["chosen"].strip() + " <eos>"
+        assert toy_tokenizer.decode(item["rejected_input_ids"]) == row["rejected"].strip() + " <eos>"
 
 
 def test_conversational_rows_need_a_chat_template():
