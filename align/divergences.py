@@ -46,6 +46,8 @@ branch (and none for forward KL); TRL ≤ 0.28 clamped at log(dtype max) ≈ 88.
 
 from __future__ import annotations
 
+import abc
+
 import math
 from typing import Any, ClassVar
 
@@ -107,7 +109,7 @@ def _capped_exp_arg(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.clamp(z, max=exp_cap(dtype))
 
 
-class Divergence:
+class Divergence(abc.ABC):
     """An f-divergence usable in f-DPO.
 
     Subclasses define `score_from_log` (f'(u) − f'(1), computed stably from ℓ = log u), the constant
@@ -121,14 +123,15 @@ class Divergence:
     PARAMS: ClassVar[tuple[str, ...]] = ()
 
     # ---- to implement --------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def f(self, u: torch.Tensor) -> torch.Tensor:
         """The convex generator f(u), u > 0 (f(1) = 0). For tests and documentation; not used in losses."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def f_prime_at_one(self) -> float:
         """f'(1): the constant that `score_from_log` drops."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def score_from_log(self, log_u: torch.Tensor, *, input_dtype: torch.dtype | None = None) -> torch.Tensor:
         """`f'(u) − f'(1)` from ℓ = log u, fp32, same shape as `log_u`.
 
@@ -137,7 +140,6 @@ class Divergence:
         (score = ℓ). `input_dtype` (default `log_u.dtype`) selects the exp cap: pass the dtype of the tensor the
         gradient flows back into when `log_u` was upcast before the call.
         """
-        raise NotImplementedError
 
     # ---- derived ---------------------------------------------------------------------------------------------
     def f_prime_from_log(self, log_u: torch.Tensor, *, input_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ field). A recipe's `objective: {name: fdpo, divergence: js, beta: 0.1}` becomes
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ def check_number(
     return value
 
 
-class Objective:
+class Objective(abc.ABC):
     """Base class of preference objectives.
 
     Class attributes:
@@ -89,8 +90,9 @@ class Objective:
         self.params = params
         self.seed = seed
 
+    @abc.abstractmethod
     def __call__(self, policy: PairLogps, reference: PairLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """Per-example losses `[B]` and detached per-example metrics `{key: [B]}`."""
 
     def state_dict(self) -> dict[str, Any]:
         """State to store in a checkpoint so that a resumed run is exact (e.g. an RNG). Default: none."""

@@ -396,6 +396,9 @@ def test_register_objective_decorator_forms():
             class Params:
                 scale: float = dataclasses.field(default=2.0, metadata={"help": "a scale for testing only"})
 
+            def __call__(self, policy, reference):
+                return policy.chosen_sum() * 0, {}
+
         assert OBJECTIVES["toy_alias"] is Toy and Toy.name == "toy_obj"
         assert get_objective("toy_obj", scale=3.0).params.scale == 3.0
         with pytest.raises(ValueError, match="already registered"):
