@@ -27,8 +27,9 @@ ALIGN_TRAINING_DEFAULTS = {
     "logging_steps": 10,
     "report_to": "none",
     "save_only_model": False,
-    # Mixed precision and gradient checkpointing are decided in `training_arguments` by the hardware: on CPU bf16
-    # matmuls are emulated (~60x slower) and recomputation only costs time, so both stay off there.
+    # Mixed precision is decided in `training_arguments` by the hardware: on CPU bf16 matmuls are emulated (~60x
+    # slower). Activation (gradient) checkpointing stays off unless a recipe sets `activation_checkpointing: true`
+    # (transformers >= 5 name; `gradient_checkpointing` is its deprecated alias): TRL 1.16 turns it on by default.
 }
 
 
@@ -42,7 +43,6 @@ def training_arguments(section: dict, *, seed: int) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     if not kwargs.get("fp16") and "bf16" not in kwargs:
         kwargs["bf16"] = on_gpu and torch.cuda.is_bf16_supported()
-    kwargs.setdefault("gradient_checkpointing", False)
     kwargs["remove_unused_columns"] = False  # our batches are built by SharedPromptCollator, not by column names
     try:
         return TrainingArguments(**kwargs)

@@ -1,0 +1,332 @@
+"""align.logps: the shared-prompt packing, its attention mask, and exactness of the packed log-probs.
+
+The packed forward (one row per pair: prompt once, then the chosen and the rejected block behind a custom 4D mask)
+must give the same per-token log-probs and gradients as running `prompt + completion` through the model alone.
+A freshly initialised tiny Llama has near-uniform outputs (weights of std 0.02), which would let a wrong mask pass
+unnoticed, so these tests scale its matrices up (`sharp_model`) and check that a wrong mask *is* detected.
+"""
+
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from align.logps import (
+    PAD_SEGMENT,
+    PROMPT_SEGMENT,
+    PairLogps,
+    SharedPromptCollator,
+    completion_token_logps,
+    pair_logps,
+    score_completions,
+    shared_prompt_attention_mask,
+)
+
+TOL = 1e-5
+IMPLS = ["sdpa", "eager"]
+
+# (prompt, chosen, rejected) lengths: every prompt length and both completion orders differ across rows.
+LENGTHS = [(3, 5, 2), (7, 1, 6), (1, 4, 4), (5, 3, 7)]
+
+
+def random_ids(n, generator, vocab=70):
+    return torch.randint(4, vocab, (n,), generator=generator).tolist()  # ids >= 4: no pad/unk/bos/eos
+
+
+@pytest.fixture(scope="module")
+def examples():
+    g = torch.Generator().manual_seed(0)
+    return [{"prompt_input_ids": random_ids(p, g), "chosen_input_ids": random_ids(c, g),
+             "rejected_input_ids": random_ids(r, g)} for p, c, r in LENGTHS]
+
+
+def load_sharp(model_dir, impl="sdpa", dtype=torch.float32, scale=6.0):
+    """The tiny model with every weight matrix scaled up, so log-probs depend strongly on the context."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=impl)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="module", params=IMPLS)
+def any_model(request, tiny_model_dir):
+    """The sharp model under each attention implementation that takes align's 4D mask."""
+    return load_sharp(tiny_model_dir, request.param)
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_model_dir):
+    return load_sharp(tiny_model_dir, "sdpa")
+
+
+def plain_logps(model, prompt, completion, temperature=1.0):
+    """log π(completion | prompt) per token from a plain forward of `prompt + completion` alone."""
+    logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].float() / temperature
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    return logits.log_softmax(-1)[positions, torch.tensor(completion)]
+
+
+def packed_rows(logps: PairLogps):
+    """Per-pair 1-D tensors of the real chosen / rejected tokens."""
+    return ([row[m] for row, m in zip(logps.chosen, logps.chosen_mask)],
+            [row[m] for row, m in zip(logps.rejected, logps.rejected_mask)])
+
+
+# --------------------------------------------------------------------------------------------- collator layout
+
+
+def test_collator_layout():
+    examples = [
+        {"prompt_input_ids": [11, 12, 13], "chosen_input_ids": [31, 32], "rejected_input_ids": [51]},
+        {"prompt_input_ids": [21], "chosen_input_ids": [41, 42, 43], "rejected_input_ids": [61, 62]},
+    ]
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    assert batch["prompt_width"] == 3 and batch["block_widths"] == [3, 2]
+    #                  |-- prompt --|  |-- chosen --|  |rejected|
+    expected_ids = [[11, 12, 13, 31, 32, 0, 51, 0],
+                    [0, 0, 21, 41, 42, 43, 61, 62]]
+    expected_pos = [[0, 1, 2, 3, 4, 0, 3, 0],
+                    [0, 0, 0, 1, 2, 3, 1, 2]]  # every completion restarts at len(prompt)
+    expected_seg = [[1, 1, 1, 2, 2, 0, 3, 0],
+                    [0, 0, 1, 2, 2, 2, 3, 3]]
+    assert batch["input_ids"].tolist() == expected_ids
+    assert batch["position_ids"].tolist() == expected_pos
+    assert batch["segment_ids"].tolist() == expected_seg
+    assert batch["chosen_mask"].tolist() == [[True, True, False], [True, True, True]]
+    assert batch["rejected_mask"].tolist() == [[True, False], [True, True]]
+    for key in ("input_ids", "position_ids", "segment_ids"):
+        assert batch[key].dtype == torch.long
+    assert batch["chosen_mask"].dtype == torch.bool
+
+
+def test_collator_invariants_on_ragged_batch(examples):
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    P, (C, R) = batch["prompt_width"], batch["block_widths"]
+    assert P == max(p for p, _, _ in LENGTHS) and C == max(c for _, c, _ in LENGTHS)
+    assert R == max(r for _, _, r in LENGTHS)
+    assert batch["input_ids"].shape == (len(examples), P + C + R)
+    for i, ex in enumerate(examples):
+        p, c, r = (ex[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+        ids, pos, seg = batch["input_ids"][i], batch["position_ids"][i], batch["segment_ids"][i]
+        # Left-padded prompt ending at column P - 1; completion blocks start at the same columns in every row.
+        assert ids[P - len(p):P].tolist() == p and (seg[:P - len(p)] == PAD_SEGMENT).all()
+        assert ids[P:P + len(c)].tolist() == c and ids[P + C:P + C + len(r)].tolist() == r
+        assert pos[P - len(p):P].tolist() == list(range(len(p)))
+        assert pos[P:P + len(c)].tolist() == list(range(len(p), len(p) + len(c)))
+        assert pos[P + C:P + C + len(r)].tolist() == list(range(len(p), len(p) + len(r)))
+        assert (seg[P - len(p):P] == PROMPT_SEGMENT).all()
+        assert (seg[P:P + len(c)] == 2).all() and (seg[P + len(c):P + C] == PAD_SEGMENT).all()
+        assert (seg[P + C:P + C + len(r)] == 3).all() and (seg[P + C + len(r):] == PAD_SEGMENT).all()
+        assert (ids[seg == PAD_SEGMENT] == 0).all()
+        assert batch["chosen_mask"][i].tolist() == [t < len(c) for t in range(C)]
+        assert batch["rejected_mask"][i].tolist() == [t < len(r) for t in range(R)]
+
+
+def test_collator_pad_to_multiple_of(examples):
+    plain = SharedPromptCollator(pad_token_id=0)(examples)
+    padded = SharedPromptCollator(pad_token_id=0, pad_to_multiple_of=4)(examples)
+    assert plain["block_widths"] == [5, 7]
+    assert padded["block_widths"] == [8, 8]  # each completion block rounded up; the prompt width is not
+    assert padded["prompt_width"] == plain["prompt_width"] == 7
+    assert padded["input_ids"].shape[1] == 7 + 16
+    assert padded["chosen_mask"].sum() == plain["chosen_mask"].sum()
+    assert padded["rejected_mask"].sum() == plain["rejected_mask"].sum()
+    assert padded["chosen_mask"][:, :5].equal(plain["chosen_mask"])
+
+
+def test_collator_custom_keys_and_empty_blocks():
+    collate = SharedPromptCollator(pad_token_id=9, completion_keys=("completion_input_ids",))
+    batch = collate([{"prompt_input_ids": [5], "completion_input_ids": []}])
+    assert batch["block_widths"] == [1]  # an all-empty block still gets one (masked) column
+    assert batch["completion_mask"].tolist() == [[False]]
+    assert batch["input_ids"].tolist() == [[5, 9]]
+
+
+def test_collator_rejects_empty_prompt():
+    collate = SharedPromptCollator(pad_token_id=0)
+    with pytest.raises(ValueError, match="at least one token"):
+        collate([{"prompt_input_ids": [4, 5], "chosen_input_ids": [6], "rejected_input_ids": [7]},
+                 {"prompt_input_ids": [], "chosen_input_ids": [6], "rejected_input_ids": [7]}])
+
+
+# --------------------------------------------------------------------------------------------- attention mask
+
+
+def test_attention_mask_rule(examples):
+    seg = SharedPromptCollator(pad_token_id=0)(examples)["segment_ids"]
+    allowed = shared_prompt_attention_mask(seg)
+    B, L = seg.shape
+    assert allowed.shape == (B, 1, L, L) and allowed.dtype == torch.bool
+    allowed = allowed[:, 0]
+    for b in range(B):
+        s = seg[b].tolist()
+        for q in range(L):
+            for k in range(L):
+                want = q == k or (k <= q and s[k] != PAD_SEGMENT and (s[k] == PROMPT_SEGMENT or s[k] == s[q]))
+                assert bool(allowed[b, q, k]) == want, (b, q, k)
+    q_seg, k_seg = seg[:, :, None].expand(B, L, L), seg[:, None, :].expand(B, L, L)
+    # Rejected (segment 3) never sees chosen (segment 2), nor chosen rejected.
+    assert not allowed[(q_seg == 3) & (k_seg == 2)].any()
+    assert not allowed[(q_seg == 2) & (k_seg == 3)].any()
+    # Nothing attends padding, except each pad position itself (so no softmax row is empty).
+    eye = torch.eye(L, dtype=torch.bool).expand(B, L, L)
+    assert not allowed[(k_seg == PAD_SEGMENT) & ~eye].any()
+    assert allowed[eye].all() and allowed.any(-1).all()
+    # Causal, and completions see their whole prompt.
+    assert not allowed.triu(1).any()
+    assert allowed[(q_seg >= 2) & (k_seg == PROMPT_SEGMENT)].all()
+
+
+def test_unsupported_attention_implementation_is_rejected(examples):
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="flash_attention_2"))
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        completion_token_logps(model, batch)
+
+
+# --------------------------------------------------------------------------------------------- exactness
+
+
+def test_pair_logps_equals_separate_forwards(any_model, examples):
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    with torch.no_grad():
+        logps = pair_logps(any_model, batch)
+        chosen, rejected = packed_rows(logps)
+        for i, ex in enumerate(examples):
+            want_c = plain_logps(any_model, ex["prompt_input_ids"], ex["chosen_input_ids"])
+            want_r = plain_logps(any_model, ex["prompt_input_ids"], ex["rejected_input_ids"])
+            torch.testing.assert_close(chosen[i], want_c, rtol=0, atol=TOL)
+            torch.testing.assert_close(rejected[i], want_r, rtol=0, atol=TOL)
+            torch.testing.assert_close(logps.chosen_sum()[i], want_c.sum(), rtol=0, atol=TOL)
+            torch.testing.assert_close(logps.rejected_sum()[i], want_r.sum(), rtol=0, atol=TOL)
+    assert logps.chosen_mask.equal(batch["chosen_mask"]) and logps.rejected_mask.equal(batch["rejected_mask"])
+    assert (logps.chosen[~logps.chosen_mask] == 0).all() and (logps.rejected[~logps.rejected_mask] == 0).all()
+    assert logps.chosen.dtype == logps.rejected.dtype == torch.float32
+    # The values span a wide range, so a wrong context would show (see the test below).
+    assert logps.chosen_sum().min() < -10
+
+
+def test_wrong_mask_would_be_detected(any_model, examples):
+    """Power check: letting the rejected block see the chosen one changes its log-probs by far more than TOL."""
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    leaky = dict(batch, segment_ids=batch["segment_ids"].masked_fill(batch["segment_ids"] == 3, 2))
+    with torch.no_grad():
+        good, bad = pair_logps(any_model, batch), pair_logps(any_model, leaky)
+    assert (good.rejected - bad.rejected).abs().max() > 0.1
+    torch.testing.assert_close(good.chosen, bad.chosen, rtol=0, atol=TOL)  # chosen comes first: unaffected
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pair_logps_gradients_equal_separate_forwards(tiny_model_dir, examples, impl):
+    model = load_sharp(tiny_model_dir, impl)
+    params = [p for p in model.parameters()]
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    logps = pair_logps(model, batch)
+    # Different weights for chosen and rejected, so swapped blocks would not cancel out.
+    packed_grads = torch.autograd.grad((logps.chosen_sum() - 0.5 * logps.rejected_sum()).sum(), params)
+    total = 0
+    for ex in examples:
+        total = total + plain_logps(model, ex["prompt_input_ids"], ex["chosen_input_ids"]).sum()
+        total = total - 0.5 * plain_logps(model, ex["prompt_input_ids"], ex["rejected_input_ids"]).sum()
+    plain_grads = torch.autograd.grad(total, params)
+    for (name, _), got, want in zip(model.named_parameters(), packed_grads, plain_grads):
+        assert want.abs().max() > 0, name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item(), msg=name)
+
+
+def test_three_completion_blocks(sharp_model, examples):
+    keys = ("chosen_input_ids", "rejected_input_ids", "third_input_ids")
+    g = torch.Generator().manual_seed(1)
+    rows = [dict(ex, third_input_ids=random_ids(n, g)) for ex, n in zip(examples, (2, 6, 1, 3))]
+    batch = SharedPromptCollator(pad_token_id=0, completion_keys=keys)(rows)
+    with torch.no_grad():
+        out = completion_token_logps(sharp_model, batch, keys)
+        for k, (logps, mask) in zip(keys, out):
+            for i, ex in enumerate(rows):
+                want = plain_logps(sharp_model, ex["prompt_input_ids"], ex[k])
+                torch.testing.assert_close(logps[i][mask[i]], want, rtol=0, atol=TOL)
+
+
+# --------------------------------------------------------------------------------------------- masking invariance
+
+
+@pytest.mark.parametrize("pad_to_multiple_of", [None, 8])
+def test_pad_token_ids_do_not_change_logps(sharp_model, examples, pad_to_multiple_of):
+    """METHODS §1 test 4: padding is never attended to or scored, whatever its token id."""
+    reference = None
+    with torch.no_grad():
+        for pad in (0, 1, 17, 69):
+            batch = SharedPromptCollator(pad_token_id=pad, pad_to_multiple_of=pad_to_multiple_of)(examples)
+            chosen, rejected = packed_rows(pair_logps(sharp_model, batch))
+            if reference is None:
+                reference = chosen, rejected
+                continue
+            for got, want in zip(chosen + rejected, reference[0] + reference[1]):
+                torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+
+
+def test_extra_padding_does_not_change_logps(sharp_model, examples):
+    with torch.no_grad():
+        a = packed_rows(pair_logps(sharp_model, SharedPromptCollator(0)(examples)))
+        b = packed_rows(pair_logps(sharp_model, SharedPromptCollator(0, pad_to_multiple_of=16)(examples)))
+        # A batch of one pair has no padding at all.
+        c = [packed_rows(pair_logps(sharp_model, SharedPromptCollator(0)([ex]))) for ex in examples]
+    for i in range(len(examples)):
+        for side in (0, 1):
+            torch.testing.assert_close(b[side][i], a[side][i], rtol=0, atol=TOL)
+            torch.testing.assert_close(c[i][side][0], a[side][i], rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_model_gives_fp32_logps(tiny_model_dir, examples, impl):
+    model32 = load_sharp(tiny_model_dir, impl)
+    model16 = load_sharp(tiny_model_dir, impl, dtype=torch.bfloat16)
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    with torch.no_grad():
+        got = pair_logps(model16, batch)
+        want = pair_logps(model32, batch)
+    assert got.chosen.dtype == got.rejected.dtype == torch.float32
+    assert torch.isfinite(got.chosen).all() and torch.isfinite(got.rejected).all()
+    assert (got.chosen[~got.chosen_mask] == 0).all()
+    # bf16 weights change the values a little, not the picture.
+    torch.testing.assert_close(got.chosen, want.chosen, rtol=0.05, atol=0.3)
+    torch.testing.assert_close(got.rejected, want.rejected, rtol=0.05, atol=0.3)
+    # ... and the packed bf16 forward still equals the separate bf16 forward at bf16 resolution.
+    with torch.no_grad():
+        ex = examples[0]
+        alone = plain_logps(model16, ex["prompt_input_ids"], ex["chosen_input_ids"])
+    torch.testing.assert_close(got.chosen[0][got.chosen_mask[0]], alone, rtol=0.02, atol=0.1)
+
+
+# --------------------------------------------------------------------------------------------- score_completions
+
+
+def test_score_completions_equals_separate_forwards(sharp_model, examples):
+    prompts = [ex["prompt_input_ids"] for ex in examples]
+    completions = [ex["chosen_input_ids"] for ex in examples] + [ex["rejected_input_ids"] for ex in examples]
+    prompts = prompts + prompts
+    scored = score_completions(sharp_model, prompts, completions)
+    chunked = score_completions(sharp_model, prompts, completions, batch_size=3)  # batches of 3, 3, 2
+    assert len(scored) == len(chunked) == len(completions)
+    with torch.no_grad():
+        for got, got_chunked, p, c in zip(scored, chunked, prompts, completions):
+            assert got.shape == (len(c),) and got.dtype == torch.float32 and got.device.type == "cpu"
+            assert not got.requires_grad
+            want = plain_logps(sharp_model, p, c)
+            torch.testing.assert_close(got, want, rtol=0, atol=TOL)
+            torch.testing.assert_close(got_chunked, want, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_score_completions_temperature_scales_logits(sharp_model, examples, temperature):
+    prompts = [ex["prompt_input_ids"] for ex in examples]
+    completions = [ex["chosen_input_ids"] for ex in examples]
+    scored = score_completions(sharp_model, prompts, completions, temperature=temperature)
+    untempered = score_completions(sharp_model, prompts, completions)
+    with torch.no_grad():
+        for got, base, p, c in zip(scored, untempered, prompts, completions):
+            torch.testing.assert_close(got, plain_logps(sharp_model, p, c, temperature), rtol=0, atol=TOL)
+            assert (got - base).abs().max() > 1e-2  # the temperature really changed something

@@ -1,0 +1,238 @@
+"""align.references: the frozen and peft-disabled reference kinds, `auto`, and their config errors."""
+
+import gc
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from align.data import tokenize_preference_rows
+from align.errors import ConfigError
+from align.logps import SharedPromptCollator, pair_logps
+from align.modeling import LoraSection, ModelConfig, is_peft_model, load_policy
+from align.references import (
+    REFERENCES,
+    FrozenReference,
+    PeftDisabledReference,
+    build_reference,
+    reference_params,
+    resolve_kind,
+)
+from align.toy_world import save_base_model
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def batch(toy_tokenizer, toy_preference_rows):
+    dataset, _ = tokenize_preference_rows(toy_preference_rows[:6], toy_tokenizer)
+    return SharedPromptCollator(toy_tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+
+
+def model_config(model_dir, **kwargs):
+    return ModelConfig(name_or_path=str(model_dir), dtype="float32", **kwargs)
+
+
+def lora_config(model_dir):
+    return model_config(model_dir, lora=LoraSection(r=4, lora_alpha=8))
+
+
+def sums(logps):
+    return torch.stack([logps.chosen_sum(), logps.rejected_sum()])
+
+
+def assert_same(a, b, atol=0.0):
+    for got, want in ((a.chosen, b.chosen), (a.rejected, b.rejected)):
+        torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    assert a.chosen_mask.equal(b.chosen_mask) and a.rejected_mask.equal(b.rejected_mask)
+
+
+def train_steps(model, batch, steps=3, lr=1e-2):
+    """A few Adam steps that raise log π(chosen) − log π(rejected) (every trainable parameter moves)."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        logps = pair_logps(model, batch)
+        loss = -(logps.chosen_sum() - logps.rejected_sum()).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def live_causal_lms():
+    """Number of live `LlamaForCausalLM` objects (full models) in this process."""
+    from transformers import LlamaForCausalLM
+
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, LlamaForCausalLM))
+
+
+# --------------------------------------------------------------------------------------------- frozen
+
+
+def test_frozen_reference_stays_at_the_initial_policy(tiny_model_dir, batch, accelerator):
+    config = model_config(tiny_model_dir)
+    policy = load_policy(config)
+    reference = build_reference("frozen", {}, policy=policy, model_config=config)
+    assert isinstance(reference, FrozenReference) and reference.kind == "frozen"
+    reference.prepare(accelerator)
+    assert reference.model is not policy and not reference.model.training
+    assert all(not p.requires_grad for p in reference.model.parameters())
+    assert all(p.requires_grad for p in policy.parameters())
+
+    with torch.no_grad():
+        initial_policy = pair_logps(policy, batch)
+    before = reference.logps(policy, batch)
+    assert not before.chosen.requires_grad and before.chosen.dtype == torch.float32
+    assert_same(before, initial_policy)  # same weights, same computation: bit for bit
+
+    train_steps(policy, batch)
+    with torch.no_grad():
+        trained_policy = pair_logps(policy, batch)
+    after = reference.logps(policy, batch)
+    assert_same(after, before)
+    assert (sums(trained_policy) - sums(after)).abs().max() > 0.1
+    # The steps pushed the policy's margin up relative to the reference's.
+    margin = lambda lp: lp.chosen_sum() - lp.rejected_sum()  # noqa: E731
+    assert (margin(trained_policy) - margin(after)).mean() > 0.1
+    assert reference.state_dict() == {}
+    reference.load_state_dict({})
+
+
+def test_frozen_reference_from_another_model(tiny_model_dir, tmp_path, batch, accelerator):
+    other_dir = save_base_model(tmp_path / "other", seed=1)
+    config = model_config(tiny_model_dir)
+    policy = load_policy(config)
+    reference = build_reference("frozen", {"name_or_path": str(other_dir)}, policy=policy, model_config=config)
+    reference.prepare(accelerator)
+    other = AutoModelForCausalLM.from_pretrained(other_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want, policy_logps = pair_logps(other, batch), pair_logps(policy, batch)
+    got = reference.logps(policy, batch)
+    assert_same(got, want, atol=1e-6)
+    assert (sums(got) - sums(policy_logps)).abs().max() > 1e-3
+
+
+def test_frozen_reference_bad_path_is_a_config_error(tiny_model_dir, tmp_path):
+    config = model_config(tiny_model_dir)
+    with pytest.raises(ConfigError, match="cannot load model"):
+        build_reference("frozen", {"name_or_path": str(tmp_path / "missing")}, policy=None, model_config=config)
+
+
+# --------------------------------------------------------------------------------------------- peft_disabled
+
+
+def test_peft_disabled_reference_is_the_base_model(tiny_model_dir, batch, accelerator):
+    config = lora_config(tiny_model_dir)
+    policy = load_policy(config)
+    assert is_peft_model(policy)
+    models_before = live_causal_lms()
+    reference = build_reference("peft_disabled", {}, policy=policy, model_config=config)
+    reference.prepare(accelerator)
+    # No second model: the reference holds no module, and no new causal LM came into existence.
+    assert isinstance(reference, PeftDisabledReference)
+    assert not [v for v in vars(reference).values() if isinstance(v, torch.nn.Module)]
+    assert live_causal_lms() == models_before
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logps = pair_logps(base, batch)
+    policy.eval()
+    # A fresh adapter is zero (lora_B = 0): policy, reference and base all agree.
+    assert_same(reference.logps(policy, batch), base_logps, atol=1e-6)
+
+    train_steps(policy, batch)
+    lora_b = [p for n, p in policy.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # the adapter is non-zero now
+    with torch.no_grad():
+        adapted = pair_logps(policy, batch)
+    got = reference.logps(policy, batch)
+    assert not got.chosen.requires_grad
+    assert_same(got, base_logps, atol=1e-6)
+    assert (sums(adapted) - sums(base_logps)).abs().max() > 0.1
+    # The adapter is switched back on after the reference pass.
+    with torch.no_grad():
+        assert_same(pair_logps(policy, batch), adapted)
+
+
+def test_peft_disabled_reference_without_accelerator(tiny_model_dir, batch):
+    config = lora_config(tiny_model_dir)
+    policy = load_policy(config)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    reference = build_reference("auto", {}, policy=policy, model_config=config)
+    assert isinstance(reference, PeftDisabledReference)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    policy.eval()
+    with torch.no_grad():
+        want, adapted = pair_logps(base, batch), pair_logps(policy, batch)
+    got = reference.logps(policy, batch)
+    assert_same(got, want, atol=1e-6)
+    assert (sums(adapted) - sums(want)).abs().max() > 0.1
+
+
+def test_frozen_reference_is_a_second_model(tiny_model_dir):
+    """Contrast with peft_disabled: the frozen kind does load a second causal LM."""
+    config = model_config(tiny_model_dir)
+    policy = load_policy(config)
+    before = live_causal_lms()
+    reference = build_reference("auto", {}, policy=policy, model_config=config)
+    assert isinstance(reference, FrozenReference)
+    assert live_causal_lms() == before + 1
+    assert sum(p.numel() for p in reference.model.parameters()) == sum(p.numel() for p in policy.parameters())
+
+
+# --------------------------------------------------------------------------------------------- kinds and errors
+
+
+def test_auto_resolves_by_policy_type(tiny_model_dir):
+    plain = load_policy(model_config(tiny_model_dir))
+    peft = load_policy(lora_config(tiny_model_dir))
+    assert resolve_kind("auto", peft) == "peft_disabled"
+    assert resolve_kind("auto", plain) == "frozen"
+    assert resolve_kind("frozen", peft) == "frozen"  # an explicit kind is kept
+    assert {"frozen", "peft_disabled"} <= set(REFERENCES)
+    assert "auto" not in REFERENCES
+
+
+def test_peft_disabled_needs_a_peft_policy(tiny_model_dir):
+    config = model_config(tiny_model_dir)
+    policy = load_policy(config)
+    with pytest.raises(ConfigError, match=r"reference\.kind.*peft_disabled.*lora"):
+        build_reference("peft_disabled", {}, policy=policy, model_config=config)
+
+
+def test_unknown_kind_and_unknown_param_name_the_key():
+    with pytest.raises(ConfigError, match=r"^reference\.kind: unknown kind 'tr_dop'"):
+        reference_params("tr_dop", {})
+    with pytest.raises(ConfigError, match=r"^reference\.beta: not a parameter of reference kind 'frozen'"):
+        reference_params("frozen", {"beta": 0.1})
+    with pytest.raises(ConfigError, match=r"^reference\.name_or_path: .*'peft_disabled'.*known: none"):
+        reference_params("peft_disabled", {"name_or_path": "x"})
+    assert reference_params("frozen", {"name_or_path": "x"}).name_or_path == "x"
+    assert reference_params("frozen", {}).name_or_path is None
+
+
+def test_build_reference_unknown_param_names_the_key(tiny_model_dir):
+    config = lora_config(tiny_model_dir)
+    policy = load_policy(config)
+    # `auto` resolves to peft_disabled here, which takes no parameters.
+    with pytest.raises(ConfigError, match=r"^reference\.name_or_path"):
+        build_reference("auto", {"name_or_path": str(tiny_model_dir)}, policy=policy, model_config=config)
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError,
+                   reason="build_reference evaluates REFERENCES[kind] before reference_params(kind, ...), so an "
+                          "unknown kind raises KeyError instead of ConfigError('reference.kind: ...')")
+def test_build_reference_unknown_kind_is_a_config_error(tiny_model_dir):
+    config = model_config(tiny_model_dir)
+    with pytest.raises(ConfigError, match=r"^reference\.kind: unknown kind 'tr_dop'"):
+        build_reference("tr_dop", {}, policy=None, model_config=config)
