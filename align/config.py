@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,28 @@ import yaml
 from align.data import DataConfig
 from align.errors import ConfigError
 from align.modeling import ModelConfig
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans and floats. YAML 1.1 (PyYAML's default) turns `save_strategy: no` (a
+    TrainingArguments value) into False and reads `learning_rate: 1e-3` as a string."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+# Floats written with an exponent and no dot (1e-3, 5E-7): YAML 1.2 floats, strings in YAML 1.1.
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 @dataclass
@@ -73,7 +96,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = (), base: 
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
         try:
-            raw = yaml.safe_load(text) or {}
+            raw = load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
@@ -99,7 +122,7 @@ def apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        node[parts[-1]] = load_yaml(value) if value != "" else ""
     except yaml.YAMLError:
         node[parts[-1]] = value
 

@@ -21,6 +21,23 @@ from align.trainer import PreferenceTrainer, disable_dropout, training_arguments
 logger = logging.getLogger("align.train")
 
 
+def _init_deepspeed_on_cpu(training: dict) -> None:
+    """Under torchrun without GPUs, DeepSpeed's own communicator must be started (with gloo) before anything else.
+
+    On GPUs accelerate does this; on CPU it brings up plain torch.distributed instead, and `deepspeed.zero.Init`
+    (run by `from_pretrained` under ZeRO-3) then sees a world size of 1 and rejects the batch sizes.
+    """
+    import os
+
+    import torch
+
+    if not training.get("deepspeed") or torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
 def train(config: TrainConfig) -> dict:
     """Runs one preference-training job and returns its summary (also written to `<output_dir>/train_summary.json`).
 
@@ -29,6 +46,7 @@ def train(config: TrainConfig) -> dict:
     """
     from transformers import set_seed
 
+    _init_deepspeed_on_cpu(config.training)
     # TrainingArguments first: with a ZeRO-3 `deepspeed` config it must exist before any model is loaded, so that
     # `from_pretrained` partitions the weights as it loads them.
     args = training_arguments(training_arguments_kwargs(config.training), seed=config.seed)
@@ -70,7 +88,7 @@ def train(config: TrainConfig) -> dict:
         "global_step": trainer.state.global_step,
         "data": vars(train_report),
         "final_model": str(final_dir),
-        "last_log": trainer.state.log_history[-2] if len(trainer.state.log_history) > 1 else {},
+        "log_history": trainer.state.log_history,
     }
     if eval_dataset is not None:
         summary["eval"] = trainer.evaluate()

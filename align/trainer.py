@@ -43,6 +43,11 @@ def training_arguments(section: dict, *, seed: int) -> TrainingArguments:
     on_gpu = torch.cuda.is_available()
     if not kwargs.get("fp16") and "bf16" not in kwargs:
         kwargs["bf16"] = on_gpu and torch.cuda.is_bf16_supported()
+    if not on_gpu:
+        # Without `use_cpu`, accelerate picks no process-group backend on a GPU-less machine and a torchrun job
+        # (DDP or DeepSpeed) runs as N copies of world size 1, with DeepSpeed's "auto" batch sizes wrong by N.
+        kwargs.setdefault("use_cpu", True)
+        kwargs.setdefault("ddp_backend", "gloo")
     kwargs["remove_unused_columns"] = False  # our batches are built by SharedPromptCollator, not by column names
     try:
         return TrainingArguments(**kwargs)
