@@ -93,7 +93,8 @@ def resolve_kind(kind: str, policy) -> str:
 
 def build_reference(kind: str, params: dict[str, Any], *, policy, model_config: ModelConfig) -> Reference:
     kind = resolve_kind(kind, policy)
-    return REFERENCES[kind](reference_params(kind, params), policy=policy, model_config=model_config)
+    params = reference_params(kind, params)  # validates the kind too, before it is looked up
+    return REFERENCES[kind](params, policy=policy, model_config=model_config)
 
 
 @register_reference("frozen")

@@ -47,7 +47,8 @@ def training_arguments(section: dict, *, seed: int) -> TrainingArguments:
         # Without `use_cpu`, accelerate picks no process-group backend on a GPU-less machine and a torchrun job
         # (DDP or DeepSpeed) runs as N copies of world size 1, with DeepSpeed's "auto" batch sizes wrong by N.
         kwargs.setdefault("use_cpu", True)
-        kwargs.setdefault("ddp_backend", "gloo")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            kwargs.setdefault("ddp_backend", "gloo")
     kwargs["remove_unused_columns"] = False  # our batches are built by SharedPromptCollator, not by column names
     try:
         return TrainingArguments(**kwargs)
@@ -91,7 +92,9 @@ class PreferenceTrainer(Trainer):
         self.reference = reference
         self.reference.prepare(self.accelerator)
         self.add_callback(_ReferenceStepHook(self))
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # Running [sum, count] per metric and mode: logged values are per-pair means over the logging window (a
+        # short last batch does not get the weight of a full one).
+        self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
 
     # --- loss ---------------------------------------------------------------------------------------------------
 
@@ -125,14 +128,16 @@ class PreferenceTrainer(Trainer):
             "length/rejected": policy.rejected_mask.sum(-1).float(),
         }
         for key, value in per_example.items():
-            value = value.detach().float().reshape(-1)
-            self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
+            value = self.accelerator.gather(value.detach().float().reshape(-1))
+            total = self._metrics[mode][key]
+            total[0] += value.sum().item()
+            total[1] += value.numel()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
-            logs[prefix + key] = sum(values) / len(values)
+        for key, (total, count) in self._metrics[mode].items():
+            logs[prefix + key] = total / count
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
