@@ -167,7 +167,11 @@ def training_kwargs(spec: dict, output_dir: str) -> dict:
         "weight_decay": 0.0,
         "bf16": False,
         "fp16": False,
-        "gradient_checkpointing": False,
+        # transformers 5 name; `gradient_checkpointing` is its deprecated alias, and TRL 1.16 defaults it to True.
+        "activation_checkpointing": False,
+        # One process on CPU, on both sides (no process group: a `ddp_backend` without torchrun cannot start).
+        "use_cpu": True,
+        "ddp_backend": None,
         "logging_steps": 10,
         "save_strategy": "no",
         "eval_strategy": "no",
@@ -287,6 +291,17 @@ def run_worker(framework: str, setting: str, spec: dict, model_dir: str, result_
         inputs = trainer._prepare_inputs(trainer.data_collator(first))
         with torch.no_grad():
             initial_loss = float(trainer.compute_loss(trainer.model, inputs))
+        # What the bench promises about both runs, checked on the objects that train.
+        settings_used = {
+            "bf16": bool(trainer.args.bf16), "fp16": bool(trainer.args.fp16),
+            "activation_checkpointing": bool(trainer.args.activation_checkpointing),
+            "model_dtype": str(trainer.model.dtype),
+            "attn_implementation": trainer.model.config._attn_implementation,
+            "optim": str(trainer.args.optim), "learning_rate": trainer.args.learning_rate,
+            "batch_size": trainer.args.per_device_train_batch_size,
+        }
+        if settings_used["bf16"] or settings_used["fp16"] or settings_used["activation_checkpointing"]:
+            raise RuntimeError(f"{framework}: the run is not fp32 without checkpointing: {settings_used}")
         mode = "train" if trainer.model.training else "eval"  # from_pretrained returns the model in eval mode
         initial_chosen_logps = trainer._metrics[mode]["logps/chosen"][-1]
         trainer._metrics[mode].clear()
@@ -295,6 +310,8 @@ def run_worker(framework: str, setting: str, spec: dict, model_dir: str, result_
         rss_before = _proc_status_kb("VmRSS")
         hwm_reset = _reset_peak_rss()
         trainer.train()
+        settings_used["gradient_checkpointing_active"] = bool(getattr(trainer.model, "is_gradient_checkpointing",
+                                                                      False))
         ru_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         hwm_after = _proc_status_kb("VmHWM")
         train_peak_kb = hwm_after if (hwm_reset and hwm_after is not None) else ru_after
@@ -314,6 +331,7 @@ def run_worker(framework: str, setting: str, spec: dict, model_dir: str, result_
             "mean_tokens": {k: sum(len(t[i]) for t in triples) / len(triples)
                             for i, k in enumerate(("prompt", "chosen", "rejected"))},
             "threads": torch.get_num_threads(),
+            "settings_used": settings_used,
         }
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)

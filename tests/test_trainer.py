@@ -289,7 +289,8 @@ def test_train_outputs_and_exact_resume(tmp_path, tiny_model_dir):
     assert written["global_step"] == 8 and written["data"]["kept"] == 64
     assert math.isfinite(written["train_loss"]) and written["train_loss"] < LOG2
     assert written["final_model"] == str(out_a / "final")
-    assert written["last_log"]["step"] == 8 and "rewards/margins" in written["last_log"]
+    last_train_log = [h for h in written["log_history"] if "loss" in h][-1]
+    assert last_train_log["step"] == 8 and "rewards/margins" in last_train_log
     assert "eval_loss" in written["eval"] and "eval_rewards/accuracies" in written["eval"]
     # The resolved recipe reloads to the same config.
     reloaded = load_train_config(out_a / "align_config.yaml")
