@@ -15,6 +15,7 @@ The whole directory is built under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -184,8 +185,9 @@ def _plot(before: list[float], after: list[float], summary: dict, path: Path) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lo, hi = min(before + after), max(before + after)
-    bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
+    # Gold rewards are multiples of 0.5 (integer sentiment, LENGTH_COST = 1.5 per extra word): one bar per value.
+    lo, hi = math.floor(min(before + after) * 2) / 2, math.ceil(max(before + after) * 2) / 2
+    bins = [lo - 0.25 + 0.5 * i for i in range(int((hi - lo) / 0.5) + 2)]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     ax.hist(before, bins=bins, alpha=0.55, label=f"SFT (mean {summary['gold_reward_before']:+.2f})", color="#888")
     ax.hist(after, bins=bins, alpha=0.65, label=f"f-DPO (mean {summary['gold_reward_after']:+.2f})", color="#1f77b4")
