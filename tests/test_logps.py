@@ -30,14 +30,6 @@ IMPLS = ["sdpa", "eager"]
 LENGTHS = [(3, 5, 2), (7, 1, 6), (1, 4, 4), (5, 3, 7)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model forwards are dominated by thread synchronisation: one thread is several times faster (much more
-    so when other processes share the cores), and results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_ids(n, generator, vocab=70):

@@ -21,14 +21,6 @@ from align.references import (
 from align.toy_world import save_base_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model forwards are dominated by thread synchronisation: one thread is several times faster (much more
-    so when other processes share the cores), and results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

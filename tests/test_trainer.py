@@ -31,14 +31,6 @@ METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
                "logps/chosen", "logps/rejected", "length/chosen", "length/rejected")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model steps are dominated by thread synchronisation: one thread is several times faster (much more so
-    when other processes share the cores), and results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
