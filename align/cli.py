@@ -28,9 +28,10 @@ def _quiet_environment() -> None:
 
 def _train(ns: argparse.Namespace) -> int:
     from align.config import load_train_config
+
+    config = load_train_config(ns.config, ns.overrides)  # before importing the trainer: bad keys fail fast
     from align.train import train
 
-    config = load_train_config(ns.config, ns.overrides)
     summary = train(config)
     print(f"trained {summary['global_step']} steps; final model in {summary['final_model']}")
     return 0

@@ -15,6 +15,7 @@ Every key is checked: an unknown key or a value of the wrong type is a `ConfigEr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import functools
@@ -87,7 +88,7 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Reads a YAML recipe (or starts from `base`), applies `dotted.key=value` overrides and validates everything."""
-    raw = dict(base or {})
+    raw = copy.deepcopy(base or {})  # overrides must not write into the caller's nested dicts
     where = "config"
     if path is not None:
         where = str(path)
@@ -129,6 +130,7 @@ def apply_override(raw: dict, item: str) -> None:
 
 def validate_train_config(raw: dict) -> TrainConfig:
     config = from_dict(TrainConfig, raw)
+    config.objective = {"name": "fdpo", **config.objective}  # the default objective when only params are given
     objective_params(config.objective)
     reference_section(config.reference)
     training_arguments_kwargs(config.training)
@@ -140,7 +142,7 @@ def objective_params(section: dict):
     from align.objectives import OBJECTIVES
 
     section = dict(section)
-    name = section.pop("name", None)
+    name = section.pop("name", "fdpo")  # TrainConfig's default objective, also when only overrides give params
     if name not in OBJECTIVES:
         raise ConfigError(f"objective.name: unknown objective '{name}'; known: {', '.join(sorted(OBJECTIVES))}")
     cls = OBJECTIVES[name]
@@ -209,7 +211,11 @@ def from_dict(cls, data: Any, prefix: str = ""):
         return cls(**kwargs)
     except ConfigError as e:
         message = str(e)
-        raise ConfigError(message if message.startswith(prefix) and prefix else f"{section}: {message}") from None
+        if prefix and message.startswith(prefix):
+            raise
+        # "beta must be > 0" from a __post_init__ names its field: make that the dotted key (objective.beta ...).
+        first_word = re.split(r"[\s:'\"]", message, maxsplit=1)[0]
+        raise ConfigError(f"{prefix}{message}" if first_word in fields else f"{section}: {message}") from None
 
 
 def _type_name(tp) -> str:
@@ -228,14 +234,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{key}: must not be null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error names the real problem (e.g. model.lora.rank)
+            return _coerce(value, options[0], key)
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args if a is not type(None))}, "
                           f"got {type(value).__name__} {value!r}")
     if origin is typing.Literal:

@@ -47,6 +47,7 @@ row is a `DataError`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from dataclasses import dataclass, field
@@ -154,7 +155,9 @@ def load_rows(source: str, split: str = "train") -> tuple[Any, str]:
         if split != "train":
             raise DataError(name, None, None, f"split {split!r} not found: a single file has only the split 'train'")
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train"), name
+            # The "Generating train split" bar of a first read is noise next to our own one-line report.
+            with _datasets_progress_off():
+                return datasets.load_dataset(builder, data_files=str(path), split="train"), name
         except Exception as e:  # malformed JSON/CSV/parquet; the reader's message says where
             raise DataError(name, None, None, f"could not be read as {builder}: {_one_line(e)}") from None
     if path.suffix.lower() in FILE_BUILDERS or not _HUB_ID.match(source):
@@ -194,13 +197,27 @@ def _one_line(error: Exception) -> str:
 # Row validation. Small functions, reused for other row shapes (e.g. reward-model prompt/response rows).
 
 
+@contextlib.contextmanager
+def _datasets_progress_off():
+    import datasets
+
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
 def require(example: dict, name: str, *, source: str, row: int):
     """The value of field `name`, or a DataError if it is missing or null."""
     if name not in example:
         raise DataError(source, row, name, "is missing")
     value = example[name]
     if value is None:
-        raise DataError(source, row, name, "is null")
+        # `datasets` fills a key that this row lacks (and other rows have) with null, so null also means missing.
+        raise DataError(source, row, name, "is missing or null")
     return value
 
 

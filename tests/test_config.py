@@ -132,17 +132,27 @@ def test_override_through_a_scalar_is_refused():
         apply_override(raw, "model.name_or_path.sub=1")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG align/config.py apply_override: overrides are parsed as YAML 1.1, where "
-                                       "'1e-3' (no dot) is a string, so `training.learning_rate=1e-3` is rejected")
 def test_exponent_without_dot_is_a_float():
-    config = load("training.learning_rate=1e-3", "objective.beta=2e-1")
-    assert config.training["learning_rate"] == 1e-3
+    # YAML 1.2 floats: PyYAML's YAML 1.1 would read 1e-3 as a string
+    config = load("training.learning_rate=1e-3", "objective.beta=2E-1", "training.weight_decay=-1e-2")
+    assert config.training["learning_rate"] == 1e-3 and type(config.training["learning_rate"]) is float
     assert config.objective["beta"] == 0.2
+    assert config.training["weight_decay"] == -0.01
 
 
-@pytest.mark.xfail(strict=True, reason="BUG align/config.py objective_params: a recipe without an `objective:` "
-                                       "section plus `objective.beta=...` loses the default name 'fdpo' and fails "
-                                       "with \"unknown objective 'None'\"")
+def test_yaml_1_2_booleans_in_files_and_overrides(tmp_path):
+    # `save_strategy: no` is the TrainingArguments value "no", not YAML 1.1's False; only true/false are booleans
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name_or_path: m}\ndata: {train: t.jsonl}\n"
+                    "training: {output_dir: o, save_strategy: no, learning_rate: 5e-7}\ndisable_dropout: False\n")
+    config = load_train_config(path, ["training.eval_strategy=no"])
+    assert config.training == {"output_dir": "o", "save_strategy": "no", "learning_rate": 5e-7, "eval_strategy": "no"}
+    assert config.disable_dropout is False
+    for word in ("yes", "on", "off", "y"):
+        assert apply_override(raw := {}, f"x={word}") is None and raw == {"x": word}
+    assert "expected true or false, got str 'yes'" in config_error("disable_dropout=yes")
+
+
 def test_objective_param_override_keeps_the_default_name():
     base = {k: v for k, v in BASE.items() if k != "objective"}
     assert load(base=base).objective == {"name": "fdpo"}  # the default section
@@ -150,8 +160,6 @@ def test_objective_param_override_keeps_the_default_name():
     assert config.objective == {"name": "fdpo", "beta": 0.2}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG align/config.py load_train_config: `dict(base)` is a shallow copy, so "
-                                       "overrides mutate the caller's nested `base` sections")
 def test_overrides_do_not_mutate_base():
     base = copy.deepcopy(BASE)
     load_train_config(None, ["objective.beta=0.7", "training.seed=1"], base=base)
@@ -225,9 +233,6 @@ def test_unknown_key_in_frozen_reference():
     assert message.startswith("config: reference.bogus: unknown key (known: name_or_path)")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG align/config.py _coerce (Union branch): errors inside an optional "
-                                       "dataclass section (`model.lora`, typed `LoraSection | None`) are replaced by "
-                                       "'expected LoraSection, got dict', hiding the dotted key")
 @pytest.mark.parametrize("override, key", [("model.lora.bogus=1", "model.lora.bogus"),
                                            ("model.lora.r=four", "model.lora.r")])
 def test_unknown_or_mistyped_key_in_optional_section(override, key):
@@ -334,9 +339,6 @@ def test_out_of_range_values(override, words):
     assert words in config_error(override)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG align/config.py from_dict: a ConfigError raised by a section's "
-                                       "__post_init__ is prefixed with the section only ('objective: beta must be > "
-                                       "0'), not the dotted key ('objective.beta: ...') as type/unknown-key errors are")
 @pytest.mark.parametrize("override, key", [
     ("objective.divergence=bogus", "objective.divergence"),
     ("objective.beta=0", "objective.beta"),

@@ -286,7 +286,7 @@ GOOD_IMPLICIT = {"chosen": "describe the movie . it was great .", "rejected": "d
 
 BAD_ROWS = {
     "missing field": (GOOD_TEXT, {"prompt": "describe", "rejected": "bad"}, "chosen", "is missing"),
-    "null": (GOOD_TEXT, {**GOOD_TEXT, "rejected": None}, "rejected", "is null"),
+    "null": (GOOD_TEXT, {**GOOD_TEXT, "rejected": None}, "rejected", "is missing or null"),
     "empty string": (GOOD_TEXT, {**GOOD_TEXT, "prompt": ""}, "prompt", "is empty"),
     "whitespace string": (GOOD_TEXT, {**GOOD_TEXT, "chosen": " \n "}, "chosen", "is whitespace only"),
     "number completion": (GOOD_TEXT, {**GOOD_TEXT, "chosen": 3}, "chosen", "must be a string, got int"),
@@ -337,7 +337,7 @@ def test_bad_row_is_one_error_naming_file_row_and_field(case, toy_tokenizer):
 def test_bad_first_row(toy_tokenizer):
     with pytest.raises(DataError, match=r"mem.jsonl: row 1: field 'chosen': must be a string or a list of chat "):
         tokenize([{**GOOD_TEXT, "chosen": 1.5}], toy_tokenizer)
-    with pytest.raises(DataError, match=r"mem.jsonl: row 1: field 'prompt': is null"):
+    with pytest.raises(DataError, match=r"mem.jsonl: row 1: field 'prompt': is missing or null"):
         tokenize([{**GOOD_TEXT, "prompt": None}], toy_tokenizer)
     with pytest.raises(DataError, match=r"mem.jsonl: has no rows"):
         tokenize([], toy_tokenizer)
@@ -346,7 +346,7 @@ def test_bad_first_row(toy_tokenizer):
 def test_bad_rows_in_files_name_the_file(tmp_path, toy_tokenizer):
     # A row without a field that other rows have: the JSON reader fills it with null.
     source = _write(tmp_path / "gaps.jsonl", [GOOD_TEXT, GOOD_TEXT, {"prompt": "a", "chosen": "b"}], "jsonl")
-    with pytest.raises(DataError, match=r"gaps.jsonl: row 3: field 'rejected': is null"):
+    with pytest.raises(DataError, match=r"gaps.jsonl: row 3: field 'rejected': is missing or null"):
         build_preference_dataset(DataConfig(train=source), toy_tokenizer)
     chat = {**GOOD_CHAT, "chosen": [{"role": "assistant", "content": "ok"}, {"role": "assistant"}]}
     source = _write(tmp_path / "chat.parquet", [GOOD_CHAT, chat], "parquet")

@@ -174,8 +174,12 @@ class FDivergenceParams:
             raise ConfigError(
                 f"divergence must be a name (string), got {type(self.divergence).__name__}: {self.divergence!r}"
             )
+        try:
+            divergence = get_divergence(self.divergence)
+        except ConfigError as e:  # name the field, so the config layer reports `objective.divergence: ...`
+            raise ConfigError(f"divergence: {e}") from None
         if self.alpha is not None:
-            if not isinstance(get_divergence(self.divergence), AlphaDivergence):
+            if not isinstance(divergence, AlphaDivergence):
                 raise ConfigError(
                     f"alpha is only used with divergence 'alpha' (alpha_divergence), got divergence "
                     f"{self.divergence!r}; remove alpha or set divergence: alpha"

@@ -32,12 +32,26 @@ class HFRollout(RolloutBackend):
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
         eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         gen_kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                           do_sample=sampling.temperature > 0, use_cache=True)
         if sampling.temperature > 0:
             gen_kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+        was_training = model.training
+        model.eval()  # for sampling and scoring alike: dropout would make the log-probs noisy
+        try:
+            generated = self._generate_ids(prompt_ids, jobs, gen_kwargs, sampling.seed, pad, eos, device)
+            logps = score_completions(model, [prompt_ids[i] for i, _ in jobs], generated,
+                                      temperature=sampling.temperature or 1.0, batch_size=self.batch_size)
+        finally:
+            model.train(was_training)
+        result: list[list[Completion]] = [[] for _ in prompts]
+        for (i, _), ids, lp in zip(jobs, generated, logps):
+            result[i].append(Completion(prompt_index=i, token_ids=ids, logps=lp, finished=bool(ids) and ids[-1] == eos,
+                                        text=tok.decode(ids, skip_special_tokens=True)))
+        return result
+
+    def _generate_ids(self, prompt_ids, jobs, gen_kwargs, seed, pad, eos, device) -> list[list[int]]:
+        """Generated ids for each (prompt, sample) job, cut after the first EOS, in left-padded batches."""
         generated: list[list[int]] = []
         steps = range(0, len(jobs), self.batch_size)
         if self.progress:
@@ -45,22 +59,15 @@ class HFRollout(RolloutBackend):
 
             steps = tqdm(steps, desc="sampling", unit="batch")
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
+            if seed is not None:
+                torch.manual_seed(seed)
             for start in steps:
                 chunk = [prompt_ids[i] for i, _ in jobs[start:start + self.batch_size]]
                 width = max(map(len, chunk))
                 input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
                 attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
-                out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
                 for row in out[:, width:].tolist():
                     cut = row.index(eos) + 1 if eos in row else len(row)
                     generated.append(row[:cut])
-        model.train(was_training)
-        logps = score_completions(model, [prompt_ids[i] for i, _ in jobs], generated,
-                                  temperature=sampling.temperature or 1.0, batch_size=self.batch_size)
-        result: list[list[Completion]] = [[] for _ in prompts]
-        for (i, _), ids, lp in zip(jobs, generated, logps):
-            result[i].append(Completion(prompt_index=i, token_ids=ids, logps=lp, finished=bool(ids) and ids[-1] == eos,
-                                        text=tok.decode(ids, skip_special_tokens=True)))
-        return result
+        return generated
