@@ -166,25 +166,36 @@ def completion_token_logps(model, batch: dict, completion_keys=("chosen_input_id
     n_keep = input_ids.shape[1] - P + 1  # last prompt column + all completion blocks
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=batch["position_ids"],
                    logits_to_keep=n_keep, use_cache=False).logits  # [B, n_keep, V]
-    out, start = [], 0  # start: column (in kept coordinates) of the block's first token
-    for key, width in zip(completion_keys, widths):
-        # Token t of the block is predicted from the column before it; token 0 from the last prompt column (0).
+    V = logits.shape[-1]
+    # Every completion token of every block at once: token t of a block is predicted from kept column start + t,
+    # token 0 from the last prompt column (kept column 0).
+    srcs, start = [], 0
+    for width in widths:
         src = torch.arange(start, start + width, device=logits.device)
         src[0] = 0
-        labels = input_ids[:, P + start:P + start + width]
+        srcs.append(src)
+        start += width
+    src = torch.cat(srcs)  # [T]
+    flat_index = src * V + input_ids[:, P:P + start]  # [B, T] into each row's flattened [n_keep * V] logits
+    parts = []
+    # `split` (not per-row indexing): its backward is a single cat, where indexing row i would zero-fill and
+    # accumulate a full [B, n_keep, V] gradient for every row. Chunks bound the fp32 copy of half-precision logits.
+    for chunk, index in zip(logits.split(_LOGPS_ROWS_PER_CHUNK), flat_index.split(_LOGPS_ROWS_PER_CHUNK)):
+        chunk = chunk.float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        lse = torch.logsumexp(chunk, dim=-1)  # [c, n_keep]
+        parts.append(chunk.reshape(chunk.shape[0], -1).gather(1, index) - lse[:, src])
+    token_logps = torch.cat(parts)  # [B, T]
+    out, start = [], 0
+    for key, width in zip(completion_keys, widths):
         mask = batch[key.removesuffix("_input_ids") + "_mask"]
-        logps = torch.stack([_gather_logps(logits[i, src], labels[i], temperature) for i in range(len(labels))])
-        out.append((logps.masked_fill(~mask, 0.0), mask))
+        out.append((token_logps[:, start:start + width].masked_fill(~mask, 0.0), mask))
         start += width
     return out
 
 
-def _gather_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`[T, V]` logits, `[T]` labels → `[T]` fp32 log-softmax at the labels."""
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return logits.gather(-1, labels[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+_LOGPS_ROWS_PER_CHUNK = 8
 
 
 def pair_logps(model, batch: dict) -> PairLogps:
