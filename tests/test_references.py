@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from align.data import tokenize_preference_rows
 from align.errors import ConfigError
 from align.logps import SharedPromptCollator, pair_logps
-from align.modeling import LoraSection, ModelConfig, is_peft_model, load_policy
+from align.modeling import LoraSection, ModelConfig, is_peft_model, load_causal_lm, load_policy
 from align.references import (
     REFERENCES,
     FrozenReference,
@@ -235,3 +235,73 @@ def test_build_reference_unknown_kind_is_a_config_error(tiny_model_dir):
     config = model_config(tiny_model_dir)
     with pytest.raises(ConfigError, match=r"^reference\.kind: unknown kind 'tr_dop'"):
         build_reference("tr_dop", {}, policy=None, model_config=config)
+
+
+# --- TR-DPO update rule (METHODS §2) --------------------------------------------------------------------------------
+
+
+def test_soft_update_reference_matches_the_formula():
+    from align.references import soft_update_reference
+
+    g = torch.Generator().manual_seed(0)
+    theta = [torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    ref0 = [torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    for alpha in (0.0, 0.1, 0.6, 1.0):
+        ref = [r.clone() for r in ref0]
+        for k in range(1, 6):  # frozen policy: θ_ref after k updates = θ + (1 − α)^k (θ_ref⁰ − θ)
+            soft_update_reference(ref, theta, alpha)
+            for r, t, r0 in zip(ref, theta, ref0):
+                torch.testing.assert_close(r, t + (1 - alpha) ** k * (r0 - t), rtol=1e-12, atol=1e-12)
+        if alpha == 1.0:
+            assert all(torch.equal(r, t) for r, t in zip(ref, theta))  # bit-exact
+        if alpha == 0.0:
+            assert all(torch.equal(r, r0) for r, r0 in zip(ref, ref0))  # never moves
+
+
+def test_tr_dpo_updates_only_on_multiples_of_tau(tiny_model_dir):
+    config = model_config(tiny_model_dir)
+    policy = load_causal_lm(config)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.5)
+    reference = build_reference("tr_dpo", {"alpha": 0.25, "tau": 3}, policy=policy, model_config=config)
+    ref0 = [p.detach().clone() for p in reference.model.parameters()]
+    for step in (1, 2, 4, 5):
+        reference.on_step_end(policy, step)
+        assert all(torch.equal(a, b) for a, b in zip(reference.model.parameters(), ref0))
+    reference.on_step_end(policy, 6)
+    for r, r0, t in zip(reference.model.parameters(), ref0, policy.parameters()):
+        torch.testing.assert_close(r, 0.25 * t + 0.75 * r0)
+    buffers = dict(reference.model.named_buffers())
+    assert all(torch.equal(b, buffers[n]) for n, b in load_causal_lm(config).named_buffers())  # buffers untouched
+
+
+def test_tr_dpo_bf16_reference_mixes_in_fp32(tiny_model_dir):
+    # A small alpha applied to bf16 weights would round back to the old value; the fp32 master copy accumulates it.
+    config = ModelConfig(name_or_path=str(tiny_model_dir), dtype="bfloat16")
+    policy = load_causal_lm(config)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01)
+    reference = build_reference("tr_dpo", {"alpha": 0.001, "tau": 1}, policy=policy, model_config=config)
+    ref0 = [p.detach().double() for p in reference.model.parameters()]
+    for step in range(1, 201):
+        reference.on_step_end(policy, step)
+    for master, r0, t, r in zip(reference._master, ref0, policy.parameters(), reference.model.parameters()):
+        expected = t.double() + (1 - 0.001) ** 200 * (r0 - t.double())
+        torch.testing.assert_close(master.double(), expected, rtol=0, atol=1e-5)
+        assert r.dtype == torch.bfloat16 and torch.equal(r, master.to(torch.bfloat16))
+    moved = sum(int((r.double() != r0).sum()) for r, r0 in zip(reference.model.parameters(), ref0))
+    assert moved > 0.5 * sum(r.numel() for r in ref0)
+
+
+def test_tr_dpo_bad_parameters_name_the_key(tiny_model_dir):
+    config = model_config(tiny_model_dir)
+    policy = load_causal_lm(config)
+    with pytest.raises(ConfigError, match=r"^reference\.alpha must be in \[0, 1\]"):
+        build_reference("tr_dpo", {"alpha": 1.5}, policy=policy, model_config=config)
+    with pytest.raises(ConfigError, match=r"^reference\.tau must be an integer >= 1"):
+        build_reference("tr_dpo", {"tau": 0}, policy=policy, model_config=config)
+    lora_policy = load_policy(lora_config(tiny_model_dir))
+    with pytest.raises(ConfigError, match="tr_dpo with a LoRA policy"):
+        build_reference("tr_dpo", {}, policy=lora_policy, model_config=lora_config(tiny_model_dir))

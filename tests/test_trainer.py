@@ -54,11 +54,11 @@ def eval_set(tokenizer):
 
 
 def make_trainer(tmp_path, model_dir, tokenizer, train_dataset, *, objective="fdpo", objective_params=None,
-                 lora=None, eval_dataset=None, seed=0, **training):
+                 lora=None, eval_dataset=None, seed=0, reference=("auto", {}), **training):
     config = ModelConfig(name_or_path=str(model_dir), dtype="float32", lora=lora)
     policy = load_policy(config)
     disable_dropout(policy)
-    reference = build_reference("auto", {}, policy=policy, model_config=config)
+    reference = build_reference(*reference, policy=policy, model_config=config)
     section = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8,
                "per_device_eval_batch_size": 16, "learning_rate": 1e-3, "logging_steps": 1, "save_strategy": "no",
                "disable_tqdm": True, "dataloader_pin_memory": False, **training}
@@ -324,3 +324,50 @@ def test_train_outputs_and_exact_resume(tmp_path, tiny_model_dir):
     out_d = tmp_path / "d"
     with pytest.raises(AlignError, match="align_state_0.pt"):
         train(load_train_config(None, base=recipe(tmp_path, tiny_model_dir, out_d, resume_from_checkpoint=str(stale))))
+
+
+# --- TR-DPO -------------------------------------------------------------------------------------------------------
+
+
+def test_tr_dpo_hard_update_every_step_keeps_the_loss_at_log2(tmp_path, tiny_model_dir, tokenizer, train_set):
+    # alpha = 1, tau = 1: after every optimizer step the reference is the policy, so the next batch has log-ratios
+    # of exactly 0 and every logged loss is log 2 (METHODS §2, test 1), while the policy itself keeps moving.
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, train_set, max_steps=5,
+                           reference=("tr_dpo", {"alpha": 1.0, "tau": 1}))
+    start = snapshot(trainer.model)
+    trainer.train()
+    losses = [log["loss"] for log in train_logs(trainer)]
+    assert len(losses) == 5 and all(loss == pytest.approx(LOG2, abs=1e-6) for loss in losses)
+    assert trainer.reference.updates == 5
+    for (name, p), r in zip(trainer.model.named_parameters(), trainer.reference.model.parameters()):
+        assert torch.equal(p, r), name
+    assert any(not torch.equal(p, start[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_tr_dpo_with_sampo_and_tau_schedule(tmp_path, tiny_model_dir, tokenizer, train_set):
+    trainer = make_trainer(tmp_path, tiny_model_dir, tokenizer, train_set, max_steps=5, objective="sampo",
+                           reference=("tr_dpo", {"alpha": 0.5, "tau": 2}))
+    trainer.train()
+    assert trainer.reference.updates == 2  # steps 2 and 4; step 5 is not a multiple of tau
+    losses = [log["loss"] for log in train_logs(trainer)]
+    assert all(math.isfinite(loss) for loss in losses)
+
+
+def test_tr_dpo_resume_restores_the_moved_reference(tmp_path, tiny_model_dir, tokenizer, train_set):
+    def run(out, resume=None):
+        trainer = make_trainer(out, tiny_model_dir, tokenizer, train_set, max_steps=8, save_strategy="steps",
+                               save_steps=4, reference=("tr_dpo", {"alpha": 0.5, "tau": 2}))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "a")
+    state = torch.load(tmp_path / "a" / "out" / "checkpoint-4" / "align_state_0.pt", weights_only=False)
+    assert state["reference"]["updates"] == 2
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "out" / "checkpoint-4"))
+    assert resumed.reference.updates == full.reference.updates == 4
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b), f"policy {name}"
+    for (name, a), b in zip(full.reference.model.named_parameters(), resumed.reference.model.parameters()):
+        assert torch.equal(a, b), f"reference {name}"  # the moved reference, not the SFT model
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), resumed.reference.model.parameters()))
