@@ -1,6 +1,7 @@
 """The `align` command line.
 
     align train --config configs/dpo.yaml [dotted.key=value ...]
+    align soup --out DIR CKPT CKPT... [--weights W W...]
     align quickstart [--output-dir DIR]
 
 Bad input (a config key, a data row, a model path) is reported as one line naming the key, file, row or field,
@@ -44,6 +45,14 @@ def _quickstart(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _soup(ns: argparse.Namespace) -> int:
+    from align.soup import write_soup
+
+    out = write_soup(ns.out, ns.checkpoints, ns.weights)
+    print(f"wrote the soup of {len(ns.checkpoints)} checkpoints to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="Preference alignment for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML recipe (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. objective.beta=0.2")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("soup", help="average checkpoints into a model soup (SALSA), saved with save_pretrained")
+    p.add_argument("--out", required=True, help="new directory for the soup")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more checkpoints of one architecture")
+    p.add_argument("--weights", type=float, nargs="+", help="mixing weights (>= 0, sum 1); default uniform")
+    p.set_defaults(func=_soup)
 
     p = sub.add_parser("quickstart", help="SFT → preference pairs → f-DPO on the embedded toy world, on CPU")
     p.add_argument("--output-dir", default="outputs/quickstart", help="where the run's files go")
