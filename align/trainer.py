@@ -47,6 +47,7 @@ def training_arguments(section: dict, *, seed: int) -> TrainingArguments:
         # Without `use_cpu`, accelerate picks no process-group backend on a GPU-less machine and a torchrun job
         # (DDP or DeepSpeed) runs as N copies of world size 1, with DeepSpeed's "auto" batch sizes wrong by N.
         kwargs.setdefault("use_cpu", True)
+        kwargs.setdefault("dataloader_pin_memory", False)  # pinned memory only helps host-to-GPU copies
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             kwargs.setdefault("ddp_backend", "gloo")
     kwargs["remove_unused_columns"] = False  # our batches are built by SharedPromptCollator, not by column names
