@@ -158,7 +158,9 @@ def reference_section(section: dict):
     if kind != "auto" and kind not in REFERENCES:
         raise ConfigError(f"reference.kind: unknown kind '{kind}'; known: auto, {', '.join(sorted(REFERENCES))}")
     if kind != "auto":
-        from_dict(REFERENCES[kind].Params, section, "reference.")
+        from align.references import reference_params
+
+        reference_params(kind, section)
     elif section:
         raise ConfigError(f"reference.{next(iter(section))}: kind 'auto' takes no parameters")
     return kind, section
@@ -189,8 +191,10 @@ def _type_hints(cls) -> dict[str, Any]:
         return {}
 
 
-def from_dict(cls, data: Any, prefix: str = ""):
-    """Builds dataclass `cls` from a mapping, naming the dotted key of any unknown key or wrongly typed value."""
+def from_dict(cls, data: Any, prefix: str = "", owner: str | None = None):
+    """Builds dataclass `cls` from a mapping, naming the dotted key of any unknown key or wrongly typed value.
+
+    `owner` names what the keys belong to in the unknown-key message (e.g. "reference kind 'frozen'")."""
     section = prefix.rstrip(".") or "config"
     if data is None:
         data = {}
@@ -201,7 +205,8 @@ def from_dict(cls, data: Any, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(fields)})")
+            of = f" of {owner}" if owner else ""
+            raise ConfigError(f"{prefix}{key}: unknown key{of} (known: {', '.join(fields) or 'none'})")
         kwargs[key] = _coerce(value, hints.get(key, Any), f"{prefix}{key}")
     missing = [name for name, f in fields.items() if name not in kwargs
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]

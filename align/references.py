@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -73,16 +72,9 @@ def reference_params(kind: str, params: dict[str, Any]):
     """Validates `params` for reference `kind`; errors name the key (`reference.<key>`)."""
     if kind not in REFERENCES:
         raise ConfigError(f"reference.kind: unknown kind '{kind}'; known: auto, {', '.join(sorted(REFERENCES))}")
-    cls = REFERENCES[kind].Params
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in params:
-        if key not in known:
-            raise ConfigError(f"reference.{key}: not a parameter of reference kind '{kind}' "
-                              f"(known: {', '.join(sorted(known)) or 'none'})")
-    try:
-        return cls(**params)
-    except ConfigError as e:
-        raise ConfigError(f"reference.{e}") from None
+    from align.config import from_dict  # the shared validator: value types and __post_init__ errors as dotted keys
+
+    return from_dict(REFERENCES[kind].Params, params, "reference.", owner=f"reference kind '{kind}'")
 
 
 def resolve_kind(kind: str, policy) -> str:

@@ -81,7 +81,7 @@ def train(config: TrainConfig) -> dict:
         with atomic_directory(final_dir) as tmp:
             trainer.save_model(str(tmp))
     else:
-        trainer.save_model(str(output_dir / ".final-unused"))
+        trainer.save_model(str(final_dir))  # takes part in the gather; writes nothing on a non-main rank
     summary = {
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_loss": result.training_loss,

@@ -230,7 +230,7 @@ def test_unknown_objective_param_of_sampo_and_known_list():
 
 def test_unknown_key_in_frozen_reference():
     message = config_error("reference.kind=frozen", "reference.bogus=1")
-    assert message.startswith("config: reference.bogus: unknown key (known: name_or_path)")
+    assert message.startswith("config: reference.bogus: unknown key of reference kind 'frozen' (known: name_or_path)")
 
 
 @pytest.mark.parametrize("override, key", [("model.lora.bogus=1", "model.lora.bogus"),

@@ -215,7 +215,7 @@ def test_peft_disabled_needs_a_peft_policy(tiny_model_dir):
 def test_unknown_kind_and_unknown_param_name_the_key():
     with pytest.raises(ConfigError, match=r"^reference\.kind: unknown kind 'tr_dop'"):
         reference_params("tr_dop", {})
-    with pytest.raises(ConfigError, match=r"^reference\.beta: not a parameter of reference kind 'frozen'"):
+    with pytest.raises(ConfigError, match=r"^reference\.beta: unknown key of reference kind 'frozen' \(known: name_or_path\)"):
         reference_params("frozen", {"beta": 0.1})
     with pytest.raises(ConfigError, match=r"^reference\.name_or_path: .*'peft_disabled'.*known: none"):
         reference_params("peft_disabled", {"name_or_path": "x"})
