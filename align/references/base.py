@@ -1,0 +1,80 @@
+"""Reference interface and registry: `Reference`, `register_reference`, `build_reference`."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from align.errors import ConfigError
+from align.logps import PairLogps
+from align.modeling import ModelConfig, is_peft_model
+
+REFERENCES: dict[str, type["Reference"]] = {}
+
+
+def register_reference(kind: str):
+    def decorator(cls):
+        cls.kind = kind
+        REFERENCES[kind] = cls
+        return cls
+
+    return decorator
+
+
+class Reference(abc.ABC):
+    """Base class of reference kinds. Subclasses set `Params` (a documented dataclass) and implement `logps`."""
+
+    kind: ClassVar[str]
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, params, *, policy, model_config: ModelConfig):
+        self.params = params
+        self.accelerator = None
+
+    @classmethod
+    def build(cls, params, *, policy, model_config: ModelConfig) -> "Reference":
+        """Constructs the reference; a kind may return a variant suited to the policy (TR-DPO on a LoRA policy)."""
+        return cls(params, policy=policy, model_config=model_config)
+
+    def prepare(self, accelerator) -> None:
+        self.accelerator = accelerator
+
+    @abc.abstractmethod
+    def logps(self, policy, batch: dict) -> PairLogps:
+        """Reference token log-probs of a `SharedPromptCollator` batch (no gradient)."""
+
+    def on_step_end(self, policy, step: int) -> None:
+        """Called after optimizer step `step` (1-based, counts optimizer steps, not micro-batches)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def reference_params(kind: str, params: dict[str, Any]):
+    """Validates `params` for reference `kind`; errors name the key (`reference.<key>`)."""
+    if kind not in REFERENCES:
+        raise ConfigError(f"reference.kind: unknown kind '{kind}'; known: auto, {', '.join(sorted(REFERENCES))}")
+    from align.config import from_dict  # the shared validator: value types and __post_init__ errors as dotted keys
+
+    return from_dict(REFERENCES[kind].Params, params, "reference.", owner=f"reference kind '{kind}'")
+
+
+def resolve_kind(kind: str, policy) -> str:
+    if kind == "auto":
+        return "peft_disabled" if is_peft_model(policy) else "frozen"
+    return kind
+
+
+def build_reference(kind: str, params: dict[str, Any], *, policy, model_config: ModelConfig) -> Reference:
+    kind = resolve_kind(kind, policy)
+    params = reference_params(kind, params)  # validates the kind too, before it is looked up
+    return REFERENCES[kind].build(params, policy=policy, model_config=model_config)
+
+
