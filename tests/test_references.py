@@ -302,6 +302,7 @@ def test_tr_dpo_bad_parameters_name_the_key(tiny_model_dir):
         build_reference("tr_dpo", {"alpha": 1.5}, policy=policy, model_config=config)
     with pytest.raises(ConfigError, match=r"^reference\.tau must be an integer >= 1"):
         build_reference("tr_dpo", {"tau": 0}, policy=policy, model_config=config)
-    lora_policy = load_policy(lora_config(tiny_model_dir))
-    with pytest.raises(ConfigError, match="tr_dpo with a LoRA policy"):
-        build_reference("tr_dpo", {}, policy=lora_policy, model_config=lora_config(tiny_model_dir))
+    with pytest.raises(ConfigError, match=r"^reference\.rank must be an integer >= 1"):
+        build_reference("tr_dpo", {"rank": 0}, policy=policy, model_config=config)
+    with pytest.raises(ConfigError, match=r"^reference\.rank: only for a LoRA policy"):
+        build_reference("tr_dpo", {"rank": 8}, policy=policy, model_config=config)

@@ -53,17 +53,32 @@ class TRDPOReference(FrozenReference):
         tau: int = field(
             default=512, metadata={"help": "Update every tau optimizer steps (≥ 1); 1 is the paper's every-step soft "
                                            "update. TRL: ref_model_sync_steps."})
+        rank: int | None = field(
+            default=None, metadata={"help": "LoRA policies only: rank of the reference adapter (default: the policy "
+                                            "adapter's rank). A larger rank makes soft updates more exact; see "
+                                            "align/references/tr_dpo_lora.py."})
 
         def __post_init__(self):
             if isinstance(self.alpha, bool) or not 0.0 <= self.alpha <= 1.0:
                 raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
             if isinstance(self.tau, bool) or self.tau < 1:
                 raise ConfigError(f"tau must be an integer >= 1, got {self.tau}")
+            if self.rank is not None and (isinstance(self.rank, bool) or self.rank < 1):
+                raise ConfigError(f"rank must be an integer >= 1, got {self.rank}")
+
+    @classmethod
+    def build(cls, params, *, policy, model_config):
+        if is_peft_model(policy):
+            # A LoRA policy gets its reference as a second adapter on the same base model (no second base copy).
+            from align.references.tr_dpo_lora import LoraTRDPOReference
+
+            return LoraTRDPOReference(params, policy=policy, model_config=model_config)
+        if params.rank is not None:
+            raise ConfigError("reference.rank: only for a LoRA policy (set model.lora), the policy here trains full "
+                              "weights")
+        return cls(params, policy=policy, model_config=model_config)
 
     def __init__(self, params, *, policy, model_config):
-        if is_peft_model(policy):
-            raise ConfigError("reference.kind: tr_dpo with a LoRA policy is not available yet (the reference must be "
-                              "its own adapter); train full weights or use kind auto")
         super().__init__(params, policy=policy, model_config=model_config)
         self.updates = 0
         self._names = [name for name, _ in self.model.named_parameters()]
