@@ -92,6 +92,8 @@ class PreferenceTrainer(Trainer):
         self.objective = objective
         self.reference = reference
         self.reference.prepare(self.accelerator)
+        self.reference.precompute({"train": train_dataset, "eval": eval_dataset}, data_collator,
+                                  self.args.per_device_eval_batch_size)
         self.add_callback(_ReferenceStepHook(self))
         # Running [sum, count] per metric and mode: logged values are per-pair means over the logging window (a
         # short last batch does not get the weight of a full one).
@@ -144,31 +146,45 @@ class PreferenceTrainer(Trainer):
 
     # --- state that must survive a restart ----------------------------------------------------------------------
 
-    def _align_state_file(self, checkpoint: str) -> str:
+    # Files, per checkpoint: `align_state_{rank}.pt` holds each process's objective state (SamPO's sampler);
+    # `align_reference.pt` the reference state, written once by the main process when it is the same on every rank,
+    # or `align_reference_{rank}.pt` per process when it is sharded (TR-DPO under ZeRO-3).
+
+    def _objective_state_file(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, f"align_state_{self.args.process_index}.pt")
 
+    def _reference_state_file(self, checkpoint: str) -> str:
+        suffix = f"_{self.args.process_index}" if self.reference.state_is_sharded() else ""
+        return os.path.join(checkpoint, f"align_reference{suffix}.pt")
+
     def _save_rng_state(self, output_dir: str) -> None:
-        # Called once per process for every checkpoint, next to the RNG states: the objective's sampler (SamPO) and
-        # the reference's state (TR-DPO step counter) belong with them.
+        # Called by every process for every checkpoint, next to the RNG states, which is where the objective's sampler
+        # and the reference's state belong. Each file is written to a temporary name and renamed.
         super()._save_rng_state(output_dir)
-        state = {"objective": self.objective.state_dict(), "reference": self.reference.state_dict()}
-        tmp = self._align_state_file(output_dir) + ".tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self._align_state_file(output_dir))
+        _atomic_torch_save({"objective": self.objective.state_dict()}, self._objective_state_file(output_dir))
+        if self.reference.state_is_sharded() or self.args.should_save:
+            _atomic_torch_save(self.reference.state_dict(), self._reference_state_file(output_dir))
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         super()._load_rng_state(checkpoint)
         if checkpoint is None:
             return
-        path = self._align_state_file(checkpoint)
-        if not os.path.isfile(path):
-            from align.errors import AlignError
+        from align.errors import AlignError
 
-            raise AlignError(f"{checkpoint}: missing {os.path.basename(path)}; cannot resume the objective and "
-                             "reference state exactly")
-        state = torch.load(path, weights_only=False)
-        self.objective.load_state_dict(state["objective"])
-        self.reference.load_state_dict(state["reference"])
+        states = []
+        for path in (self._objective_state_file(checkpoint), self._reference_state_file(checkpoint)):
+            if not os.path.isfile(path):
+                raise AlignError(f"{checkpoint}: missing {os.path.basename(path)}; cannot resume the objective and "
+                                 "reference state exactly")
+            states.append(torch.load(path, weights_only=False))
+        self.objective.load_state_dict(states[0]["objective"])
+        self.reference.load_state_dict(states[1])
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -275,7 +275,8 @@ def test_train_outputs_and_exact_resume(tmp_path, tiny_model_dir):
                                                        "train_summary.json"]  # no .final.tmp-* or other leftovers
     for checkpoint in ("checkpoint-4", "checkpoint-8"):
         state = torch.load(out_a / checkpoint / "align_state_0.pt", weights_only=False)
-        assert set(state) == {"objective", "reference"} and set(state["objective"]) == {"generator"}
+        assert set(state) == {"objective"} and set(state["objective"]) == {"generator"}
+        assert torch.load(out_a / checkpoint / "align_reference.pt", weights_only=False) == {}  # frozen: no state
     written = json.loads((out_a / "train_summary.json").read_text())
     assert written == json.loads(json.dumps(summary))
     assert written["global_step"] == 8 and written["data"]["kept"] == 64
@@ -313,7 +314,7 @@ def test_train_outputs_and_exact_resume(tmp_path, tiny_model_dir):
     stale = tmp_path / "stale-checkpoint"
     shutil.copytree(out_a / "checkpoint-4", stale)
     fresh = SamPO(SamPO.Params(), seed=3)
-    torch.save({"objective": fresh.state_dict(), "reference": {}}, stale / "align_state_0.pt")
+    torch.save({"objective": fresh.state_dict()}, stale / "align_state_0.pt")
     out_c = tmp_path / "c"
     train(load_train_config(None, base=recipe(tmp_path, tiny_model_dir, out_c, resume_from_checkpoint=str(stale))))
     final_c = final_weights(out_c)
@@ -361,8 +362,8 @@ def test_tr_dpo_resume_restores_the_moved_reference(tmp_path, tiny_model_dir, to
         return trainer
 
     full = run(tmp_path / "a")
-    state = torch.load(tmp_path / "a" / "out" / "checkpoint-4" / "align_state_0.pt", weights_only=False)
-    assert state["reference"]["updates"] == 2
+    state = torch.load(tmp_path / "a" / "out" / "checkpoint-4" / "align_reference.pt", weights_only=False)
+    assert state["updates"] == 2
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "out" / "checkpoint-4"))
     assert resumed.reference.updates == full.reference.updates == 4
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):

@@ -43,6 +43,10 @@ class Reference(abc.ABC):
     def prepare(self, accelerator) -> None:
         self.accelerator = accelerator
 
+    def precompute(self, datasets: dict[str, Any], collator, batch_size: int) -> None:
+        """Called once after `prepare`, with the datasets to be trained and evaluated on (`{"train": ds, "eval": ds
+        or None}`): a kind that caches log-probs ahead of training (`precomputed`) does its pass here."""
+
     @abc.abstractmethod
     def logps(self, policy, batch: dict) -> PairLogps:
         """Reference token log-probs of a `SharedPromptCollator` batch (no gradient)."""
@@ -51,7 +55,13 @@ class Reference(abc.ABC):
         """Called after optimizer step `step` (1-based, counts optimizer steps, not micro-batches)."""
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume this reference exactly (e.g. TR-DPO's moved weights)."""
         return {}
+
+    def state_is_sharded(self) -> bool:
+        """True when each process holds a different part of the state (ZeRO-3 partitions): the trainer then saves
+        one file per rank. Otherwise all ranks hold the same state and only the main process writes it, once."""
+        return False
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
