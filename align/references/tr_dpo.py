@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from align.errors import ConfigError
+from align.errors import AlignError, ConfigError
 from align.modeling import is_peft_model
 from align.references.base import register_reference
 from align.references.frozen import FrozenReference
@@ -81,46 +81,121 @@ class TRDPOReference(FrozenReference):
     def __init__(self, params, *, policy, model_config):
         super().__init__(params, policy=policy, model_config=model_config)
         self.updates = 0
-        self._names = [name for name, _ in self.model.named_parameters()]
-        low_precision = any(p.dtype != torch.float32 for p in self.model.parameters())
-        self._master = [p.detach().float().clone() for p in self.model.parameters()] if low_precision else None
+        self._master: list[torch.Tensor] | None = None  # fp32 copy of low-precision weights, made on first use
 
     def prepare(self, accelerator) -> None:
-        if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-            raise ConfigError("reference.kind: tr_dpo under DeepSpeed is not available yet (per-module ZeRO-3 "
-                              "gathering is planned); run without training.deepspeed")
-        super().prepare(accelerator)
+        super().prepare(accelerator)  # under DeepSpeed this wraps the reference in an engine (ZeRO-3: partitioned)
+        for name, p in self._named_parameters():
+            if getattr(p, "ds_secondary_tensor", None) is not None:
+                raise ConfigError("training.deepspeed: tr_dpo does not support ZeRO++ hierarchical partitioning "
+                                  f"(zero_hpz_partition_size > 1): {name} has a secondary partition")
+            if str(getattr(getattr(p, "ds_tensor", None), "final_location", None)).endswith("nvme"):
+                raise ConfigError("training.deepspeed: tr_dpo does not support offloading parameters to NVMe; "
+                                  "use offload_param.device: cpu")
+
+    # --- what this process holds ------------------------------------------------------------------------------
+
+    def _named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The reference's parameters (tied weights once), without the DeepSpeed engine's `module.` prefix."""
+        return list(getattr(self.model, "module", self.model).named_parameters())
+
+    def _is_zero3(self) -> bool:
+        return any(hasattr(p, "ds_tensor") for _, p in self._named_parameters())
+
+    def _owned(self) -> list[torch.Tensor]:
+        """Per parameter, the tensor this process owns: under ZeRO-3 its flat partition `[ceil(numel / world)]`
+        (`ds_tensor`, zero-padded on the last rank), otherwise the whole parameter."""
+        zero3 = self._is_zero3()
+        return [p.ds_tensor if zero3 else p.data for _, p in self._named_parameters()]
 
     def _weights(self) -> list[torch.Tensor]:
-        """The fp32 tensors the update acts on: the master copy, or the reference's own fp32 parameters."""
-        return self._master if self._master is not None else [p.data for p in self.model.parameters()]
+        """The fp32 tensors the update acts on, shaped like `_owned()`: the reference's own tensors when they are
+        fp32, else an fp32 master copy of them (bf16 would round a small α·(θ − θ_ref) away, METHODS §2)."""
+        owned = self._owned()
+        if all(t.dtype == torch.float32 for t in owned):
+            return owned
+        if self._master is None:
+            self._master = [t.detach().float().clone() for t in owned]
+        return self._master
 
+    def _publish(self) -> None:
+        """Makes the model use the updated weights: cast the master into the model's dtype; under ZeRO-3 also
+        release the parameters DeepSpeed keeps gathered (persistent small ones), so the next forward re-gathers
+        them from the updated partitions."""
+        if self._master is not None:
+            torch._foreach_copy_(self._owned(), self._master)
+        if self._is_zero3():
+            from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+            gathered = [p for _, p in self._named_parameters() if p.ds_status == ZeroParamStatus.AVAILABLE]
+            if gathered:
+                gathered[0].partition(param_list=gathered, has_been_updated=False)
+
+    # --- the update -------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
     def on_step_end(self, policy, step: int) -> None:
         if step % self.params.tau != 0:
             return
         policy_params = dict(policy.named_parameters())
-        missing = [n for n in self._names if n not in policy_params]
+        names = [name for name, _ in self._named_parameters()]
+        missing = [n for n in names if n not in policy_params]
         if missing:
-            raise ValueError(f"tr_dpo: policy has no parameter {missing[0]!r}; reference and policy must share an "
+            raise AlignError(f"tr_dpo: policy has no parameter {missing[0]!r}; reference and policy must share an "
                              "architecture")
-        source = [policy_params[n].detach() for n in self._names]
-        if self._master is not None:
-            source = [p.float() for p in source]
-        soft_update_reference(self._weights(), source, self.params.alpha)
-        if self._master is not None:
-            torch._foreach_copy_([p.data for p in self.model.parameters()], self._master)
+        weights = self._weights()
+        if self._is_zero3():
+            self._mix_partitions(policy_params, weights)
+        else:
+            sources = [policy_params[n].detach().to(device=w.device, dtype=w.dtype) for n, w in zip(names, weights)]
+            soft_update_reference(weights, sources, self.params.alpha)
+        self._publish()
         self.updates += 1
 
+    def _mix_partitions(self, policy_params: dict, weights: list[torch.Tensor]) -> None:
+        """ZeRO-3: gather the policy one module at a time (never the whole model: peak extra memory is the largest
+        module, not two full models as in TRL's SyncRefModelCallback) and mix each of this rank's reference partitions
+        with the same slice of the gathered policy tensor. The reference itself is never gathered: its partitions are
+        updated where they live, so "re-partitioning" costs no communication. Every rank runs this in the same module
+        order, as `GatheredParameters` (a collective) requires."""
+        import deepspeed
+
+        root = getattr(self.model, "module", self.model)
+        reference_params = dict(root.named_parameters())
+        index = {name: i for i, name in enumerate(reference_params)}
+        alpha = self.params.alpha
+        for module_name, module in root.named_modules():
+            names = [f"{module_name}.{n}" if module_name else n for n, _ in module.named_parameters(recurse=False)]
+            names = [n for n in names if n in index]  # a tied weight is updated once, under its first name
+            if not names:
+                continue
+            sources = [policy_params[n] for n in names]
+            with deepspeed.zero.GatheredParameters(sources, modifier_rank=None):  # read-only: nothing written back
+                for name, source in zip(names, sources):
+                    partition = reference_params[name].ds_tensor
+                    weight = weights[index[name]]
+                    start = partition.ds_numel * deepspeed.comm.get_rank(group=reference_params[name].ds_process_group)
+                    piece = source.data.reshape(-1)[start:start + partition.ds_numel]  # short or empty at the end
+                    soft_update_reference([weight[:piece.numel()]], [piece.to(weight.device, weight.dtype)], alpha)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+
+    def state_is_sharded(self) -> bool:
+        return self._is_zero3()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates,
-                "weights": {n: w.detach().cpu().clone() for n, w in zip(self._names, self._weights())}}
+        names = [name for name, _ in self._named_parameters()]
+        return {"updates": self.updates, "zero3_partitions": self._is_zero3(),
+                "weights": {n: w.detach().cpu().clone() for n, w in zip(names, self._weights())}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        weights = state["weights"]
-        if list(weights) != self._names:
-            raise ValueError("tr_dpo: the checkpoint's reference does not match this model's parameters")
+        weights = self._weights()
+        names = [name for name, _ in self._named_parameters()]
+        saved = state["weights"]
+        if list(saved) != names or any(saved[n].shape != w.shape for n, w in zip(names, weights)):
+            raise AlignError("tr_dpo: the checkpoint's reference does not match this model's parameters (a ZeRO-3 "
+                             "checkpoint resumes with the same number of processes)")
         with torch.no_grad():
-            torch._foreach_copy_(self._weights(), [weights[n] for n in self._names])
-            if self._master is not None:
-                torch._foreach_copy_([p.data for p in self.model.parameters()], self._master)
+            torch._foreach_copy_(weights, [saved[n].to(w.device) for n, w in zip(names, weights)])
+        self._publish()
         self.updates = state["updates"]
