@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Benchmark: peak memory of one TR-DPO reference update under DeepSpeed ZeRO-3, align against TRL's way.
+
+    python bench/tr_dpo_zero3_memory.py            # ~420 MB fp32 Llama, 2 CPU processes, ~2 min
+    python bench/tr_dpo_zero3_memory.py --quick    # small model, smoke run
+
+What is compared (same model, same 2 processes, same α):
+- `align`: `TRDPOReference.on_step_end` — the policy is gathered one module at a time (`GatheredParameters` on the
+  module's own parameters, read-only) and each rank mixes its own reference partition in place; the reference is
+  never gathered.
+- `trl`: what TRL's `SyncRefModelCallback` does under ZeRO-3 — `GatheredParameters(list(ref.parameters()) +
+  list(policy.parameters()), modifier_rank=0)`, rank 0 mixes, and the context re-partitions from rank 0's copy: both
+  full models are materialised on every rank at once.
+
+Both models are built partitioned under `deepspeed.zero.Init` (DS_ACCELERATOR=cpu, gloo), as `from_pretrained` does
+under a ZeRO-3 Trainer. Each variant runs in its own `torchrun` job so that peak memory is its own: a sampler thread
+reads the process RSS every millisecond during the update; the figure is the peak RSS during the update minus the
+RSS right before it (after `malloc_trim`, so freed heap is not reused unseen), per rank (max over ranks). Afterwards
+each rank checks its reference partition against the formula `θ_ref ← α θ + (1 − α) θ_ref` applied to its partition
+before the update and the same slice of the policy (max abs error printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "tr_dpo_zero3_memory.json"
+MODELS = {  # ~105M parameters = 420 MB fp32, untied embeddings (the embedding is the largest module)
+    "full": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                 num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=False),
+    "quick": dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+}
+ALPHA = 0.5
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples the process RSS every millisecond in a thread (torch ops release the GIL, so it keeps sampling)."""
+
+    def __enter__(self):
+        self.baseline = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def worker(variant: str, model_size: str, output: Path) -> None:
+    import deepspeed
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from align.references import TRDPOReference, soft_update_reference
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
+    # fp32 via the config, not `dtype=`: DeepSpeed 0.19's `Init._set_dtype` reads `dtype or torch.float16 if
+    # fp16_supported else torch.bfloat16 ...`, so on a CPU accelerator an explicit dtype=torch.float32 becomes bf16.
+    ds_config = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1,
+                 "bf16": {"enabled": False}, "fp16": {"enabled": False}}
+    config = LlamaConfig(**MODELS[model_size])
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        torch.manual_seed(0)
+        reference_model = LlamaForCausalLM(config)
+        torch.manual_seed(1)
+        policy = LlamaForCausalLM(config)
+    n_params = sum(p.ds_numel for p in policy.parameters())
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+
+    # For the correctness check: this rank's reference partitions before the update (live, so both variants carry
+    # them in their baseline alike).
+    before = [p.ds_tensor.detach().clone() for p in reference_model.parameters()]
+    deepspeed.comm.barrier()
+
+    if variant == "align":
+        reference = TRDPOReference.__new__(TRDPOReference)  # the real update code, without loading from a path
+        reference.params = TRDPOReference.Params(alpha=ALPHA, tau=1)
+        reference.model, reference.updates, reference._master, reference.accelerator = reference_model, 0, None, None
+
+        def update():
+            reference.on_step_end(policy, 1)
+    else:
+        def update():  # TRL's SyncRefModelCallback._sync_target_model under ZeRO-3
+            params = list(reference_model.parameters()) + list(policy.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                if rank == 0:
+                    for p_ref, p in zip(reference_model.parameters(), policy.parameters()):
+                        p_ref.data.mul_(1.0 - ALPHA).add_(p.data, alpha=ALPHA)
+
+    # The first update is a warm-up (communication buffers, lazily built state) and is measured separately; the
+    # second is the steady state a training run sees at every later update. The check below accounts for both.
+    peaks, seconds = [], []
+    for _ in range(2):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap goes back to the OS: the baseline is live memory only
+        with PeakRSS() as rss:
+            start = time.perf_counter()
+            update()
+            seconds.append(time.perf_counter() - start)
+        peaks.append((rss.peak - rss.baseline) / 2**20)
+        deepspeed.comm.barrier()
+    deepspeed.comm.barrier()
+    # Check: each rank's partition equals lerp(its partition before, the same slice of the full policy tensor).
+    max_error = 0.0
+    for (name, p_ref), p, old in zip(reference_model.named_parameters(), policy.parameters(), before):
+        size = p_ref.ds_tensor.ds_numel
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            piece = p.data.reshape(-1)[rank * size:(rank + 1) * size].clone()  # the gathered buffer is freed on exit
+        expected = old.clone()
+        for _ in range(2):
+            soft_update_reference([expected[:piece.numel()]], [piece], ALPHA)
+        max_error = max(max_error, (p_ref.ds_tensor - expected).abs().max().item())
+    result = {"rank": rank, "world": world, "variant": variant, "parameters": n_params,
+              "model_mb_fp32": n_params * 4 / 2**20, "update_peak_mb": peaks[1],
+              "first_update_peak_mb": peaks[0], "rss_before_mb": rss.baseline / 2**20, "seconds": seconds[1],
+              "first_update_seconds": seconds[0], "max_abs_error": max_error}
+    (output.parent / f"{output.stem}.{variant}.{rank}.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small model (smoke run)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--worker", choices=("align", "trl"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="full", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.model, args.output)
+        return
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from align.io import atomic_write_json
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    model = "quick" if args.quick else "full"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    results = {}
+    for i, variant in enumerate(("align", "trl")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(29650 + i), __file__, "--worker", variant, "--model", model, "--output", str(args.output)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{variant} worker failed:\n{proc.stderr[-3000:]}")
+        ranks = []
+        for rank in range(2):
+            part = args.output.parent / f"{args.output.stem}.{variant}.{rank}.json"
+            ranks.append(json.loads(part.read_text()))
+            part.unlink()
+        results[variant] = {"per_rank": ranks, "update_peak_mb": max(r["update_peak_mb"] for r in ranks),
+                            "first_update_peak_mb": max(r["first_update_peak_mb"] for r in ranks),
+                            "seconds": max(r["seconds"] for r in ranks),
+                            "max_abs_error": max(r["max_abs_error"] for r in ranks)}
+    info = results["align"]["per_rank"][0]
+    summary = {"model": model, "parameters": info["parameters"], "model_mb_fp32": info["model_mb_fp32"],
+               "processes": 2, "alpha": ALPHA, **results,
+               "peak_ratio_align_over_trl": results["align"]["update_peak_mb"] / results["trl"]["update_peak_mb"]}
+    atomic_write_json(args.output, summary)
+    print(f"TR-DPO reference update under ZeRO-3, {info['parameters'] / 1e6:.1f}M params "
+          f"({info['model_mb_fp32']:.0f} MB fp32), 2 CPU processes, alpha={ALPHA}")
+    print(f"{'variant':<8}{'peak extra RSS, MB (max rank)':>31}{'1st update':>12}{'time (s)':>10}{'max |err|':>12}")
+    for variant in ("align", "trl"):
+        r = results[variant]
+        print(f"{variant:<8}{r['update_peak_mb']:>31.1f}{r['first_update_peak_mb']:>12.1f}{r['seconds']:>10.2f}"
+              f"{r['max_abs_error']:>12.2e}")
+    print(f"align / trl peak: {summary['peak_ratio_align_over_trl']:.3f}   (written to {args.output})")
+
+
+if __name__ == "__main__":
+    main()
