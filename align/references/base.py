@@ -54,6 +54,11 @@ class Reference(abc.ABC):
     def on_step_end(self, policy, step: int) -> None:
         """Called after optimizer step `step` (1-based, counts optimizer steps, not micro-batches)."""
 
+    def metrics(self) -> dict[str, float]:
+        """Scalars the trainer adds to its training logs (e.g. TR-DPO's `reference/updates`); the same on every
+        process, read at each logging step."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold to resume this reference exactly (e.g. TR-DPO's moved weights)."""
         return {}

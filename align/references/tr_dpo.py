@@ -178,6 +178,9 @@ class TRDPOReference(FrozenReference):
                     piece = source.data.reshape(-1)[start:start + partition.ds_numel]  # short or empty at the end
                     soft_update_reference([weight[:piece.numel()]], [piece.to(weight.device, weight.dtype)], alpha)
 
+    def metrics(self) -> dict[str, float]:
+        return {"reference/updates": float(self.updates)}
+
     # --- checkpoints ------------------------------------------------------------------------------------------
 
     def state_is_sharded(self) -> bool:
