@@ -10,7 +10,8 @@ gives its parameters (`reference: {kind: frozen, name_or_path: ...}`). The train
 
 Kinds here: `frozen` (a frozen copy of the initial policy, or another model) and `peft_disabled` (the policy's
 base model with its LoRA adapter switched off: no second model in memory). `auto` picks `peft_disabled` for a
-LoRA policy and `frozen` otherwise. Later kinds (`tr_dpo`, `soup`, `precomputed`) register the same way.
+LoRA policy and `frozen` otherwise. Later kinds (`tr_dpo`, `soup`, `precomputed`) register the same way;
+`precomputed` caches another kind's log-probs on disk in one pass before training and then frees that model.
 """
 
 from align.references.base import (REFERENCES, Reference, build_reference, reference_params,  # noqa: F401
@@ -19,3 +20,4 @@ from align.references.base import (REFERENCES, Reference, build_reference, refer
 from align.references.frozen import FrozenReference, PeftDisabledReference  # noqa: F401,E402
 from align.references.soup import SoupReference  # noqa: F401,E402
 from align.references.tr_dpo import TRDPOReference, soft_update_reference  # noqa: F401,E402
+from align.references.precomputed import PrecomputedReference  # noqa: F401,E402
