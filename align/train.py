@@ -16,7 +16,7 @@ from align.data import build_preference_dataset
 from align.io import atomic_directory, atomic_write_json, atomic_write_text
 from align.modeling import load_policy, load_tokenizer
 from align.references import build_reference
-from align.trainer import PreferenceTrainer, disable_dropout, training_arguments
+from align.trainer import PreferenceTrainer, disable_dropout, latest_checkpoint, training_arguments
 
 logger = logging.getLogger("align.train")
 
@@ -73,7 +73,17 @@ def train(config: TrainConfig) -> dict:
     if trainer.is_world_process_zero():
         atomic_write_text(output_dir / "align_config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     resume = args.resume_from_checkpoint
-    result = trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
+    if resume == "latest":
+        # The newest checkpoint marked complete: one cut short by a crash while saving is skipped. With none, the run
+        # starts from step 0, so the same command serves a job's first launch and every relaunch after a preemption
+        # (as Lightning's `ckpt_path="last"` does; transformers' `resume_from_checkpoint=True` would raise).
+        resume = latest_checkpoint(str(output_dir))
+        if resume is None:
+            logger.warning("resume_from_checkpoint: latest: no complete checkpoint in %s; training from the start",
+                           output_dir)
+    if resume:
+        logger.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=resume or None)
 
     final_dir = output_dir / "final"
     # Every process takes part in saving (ZeRO-3 gathers shards); only the main one writes and renames.

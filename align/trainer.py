@@ -13,13 +13,19 @@ DeepSpeed, gradient accumulation, mixed precision, checkpointing, evaluation and
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import re
 from collections import defaultdict
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from align.logps import PairLogps, SharedPromptCollator, pair_logps
+
+logger = logging.getLogger("align.trainer")
 
 #: Where align's defaults differ from `transformers.TrainingArguments`; a recipe's `training:` keys win.
 ALIGN_TRAINING_DEFAULTS = {
@@ -142,13 +148,16 @@ class PreferenceTrainer(Trainer):
         for key, (total, count) in self._metrics[mode].items():
             logs[prefix + key] = total / count
         self._metrics[mode].clear()
+        if mode == "train":
+            logs.update(self.reference.metrics())
         super().log(logs, start_time)
 
     # --- state that must survive a restart ----------------------------------------------------------------------
 
     # Files, per checkpoint: `align_state_{rank}.pt` holds each process's objective state (SamPO's sampler);
     # `align_reference.pt` the reference state, written once by the main process when it is the same on every rank,
-    # or `align_reference_{rank}.pt` per process when it is sharded (TR-DPO under ZeRO-3).
+    # or `align_reference_{rank}.pt` per process when it is sharded (TR-DPO under ZeRO-3); `CHECKPOINT_MARKER`, written
+    # last, says the checkpoint is complete.
 
     def _objective_state_file(self, checkpoint: str) -> str:
         return os.path.join(checkpoint, f"align_state_{self.args.process_index}.pt")
@@ -156,6 +165,36 @@ class PreferenceTrainer(Trainer):
     def _reference_state_file(self, checkpoint: str) -> str:
         suffix = f"_{self.args.process_index}" if self.reference.state_is_sharded() else ""
         return os.path.join(checkpoint, f"align_reference{suffix}.pt")
+
+    def _checkpoint_identity(self) -> dict[str, str]:
+        """What a checkpoint's state belongs to: resuming it with another objective or reference kind would load
+        state into the wrong component (a `frozen` reference silently drops TR-DPO's moved weights)."""
+        return {"objective": type(self.objective).name, "reference": type(self.reference).kind}
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # transformers writes straight into `checkpoint-N` (no temporary directory; under DeepSpeed every rank adds its
+        # own files) and `get_last_checkpoint` takes the highest N whatever it holds, so a process killed while saving
+        # leaves a newest checkpoint that cannot be resumed. A marker written by the main process after every rank has
+        # finished tells complete checkpoints apart (`latest_checkpoint`). The rotation that `save_total_limit` asks for
+        # runs after the marker: run before it, it could delete the last complete checkpoint while the new one is
+        # still unmarked.
+        run_dir = self._get_output_dir(trial=trial)
+        marker = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}", CHECKPOINT_MARKER)
+        if self.args.should_save and os.path.exists(marker):
+            os.remove(marker)  # a resumed run rewriting this step's checkpoint: incomplete until rewritten
+        self.accelerator.wait_for_everyone()  # no rank writes into a directory that still carries the old marker
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files are written
+        if self.args.should_save:
+            from align.io import atomic_write_json
+
+            atomic_write_json(marker, {"global_step": self.state.global_step, **self._checkpoint_identity()})
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def _save_rng_state(self, output_dir: str) -> None:
         # Called by every process for every checkpoint, next to the RNG states, which is where the objective's sampler
@@ -165,12 +204,42 @@ class PreferenceTrainer(Trainer):
         if self.reference.state_is_sharded() or self.args.should_save:
             _atomic_torch_save(self.reference.state_dict(), self._reference_state_file(output_dir))
 
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` takes the newest *complete* checkpoint in `output_dir`.
+
+        The objective's and reference's state is loaded here, before training starts, and not with the RNG states:
+        transformers restores those only when it runs an epoch, and a run resumed from the checkpoint of its last
+        step (killed before `final/` was written) runs none, so its final evaluation would use the SFT reference.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                from align.errors import AlignError
+
+                raise AlignError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}")
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if resume_from_checkpoint is not None:
+            self._load_align_state(str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_align_state(self, checkpoint: str) -> None:
         from align.errors import AlignError
 
+        if not os.path.isdir(checkpoint):
+            raise AlignError(f"resume_from_checkpoint: {checkpoint} is not a directory")
+        marker = os.path.join(checkpoint, CHECKPOINT_MARKER)
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                saved = json.load(f)
+            changed = [f"{key} '{saved[key]}' (this run: '{value}')"
+                       for key, value in self._checkpoint_identity().items() if saved.get(key, value) != value]
+            if changed:
+                raise AlignError(f"{checkpoint}: written with {' and '.join(changed)}; resume it with the recipe that "
+                                 "wrote it, or train into a new output_dir")
+        else:
+            logger.warning("%s has no %s: it may be incomplete (cut short while saving); resuming it because it was "
+                           "named explicitly", checkpoint, CHECKPOINT_MARKER)
         states = []
         for path in (self._objective_state_file(checkpoint), self._reference_state_file(checkpoint)):
             if not os.path.isfile(path):
@@ -179,6 +248,42 @@ class PreferenceTrainer(Trainer):
             states.append(torch.load(path, weights_only=False))
         self.objective.load_state_dict(states[0]["objective"])
         self.reference.load_state_dict(states[1])
+
+    def _run_epoch(self, *args, **kwargs):
+        # transformers checks `max_steps` only after a step: resumed from the checkpoint of its last step, a run whose
+        # last step is not at an epoch end would train one step more than the uninterrupted run.
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+
+#: Written into a checkpoint directory once everything else in it is written (`PreferenceTrainer._save_checkpoint`).
+CHECKPOINT_MARKER = "align_checkpoint.json"
+_CHECKPOINT_DIR = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint (one with `CHECKPOINT_MARKER`) in `output_dir`, or None.
+
+    Newer directories without the marker were cut short while saving (or predate the marker) and are skipped with a
+    warning: resuming one would fail on a missing or truncated file, or restore a mix of two steps.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
+                   if (m := _CHECKPOINT_DIR.match(name)) and os.path.isdir(os.path.join(output_dir, name)))
+    skipped = []
+    for _, name in reversed(steps):
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(path, CHECKPOINT_MARKER)):
+            break
+        skipped.append(name)
+    else:
+        path = None
+    if skipped:
+        logger.warning("%s: skipping %s: no %s (incomplete)", output_dir, ", ".join(skipped), CHECKPOINT_MARKER)
+    return path
 
 
 def _atomic_torch_save(obj, path: str) -> None:
