@@ -5,7 +5,7 @@ A recipe has five sections and two scalars (the keys are the same in code, YAML 
     model:      ModelConfig      (align/modeling.py)   what to train, dtype, attention, optional LoRA
     data:       DataConfig       (align/data.py)       preference data and the length policy
     objective:  {name: ..., <params of that objective>}   (align/objectives/, e.g. fdpo, sampo)
-    reference:  {kind: ..., <params of that kind>}         (align/references.py, e.g. auto, frozen)
+    reference:  {kind: ..., <params of that kind>}         (align/references/, e.g. auto, frozen, tr_dpo)
     training:   any `transformers.TrainingArguments` field (output_dir, learning_rate, deepspeed, report_to, …)
     seed:       int
     disable_dropout: bool

@@ -14,8 +14,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class LoraSection:
-    """LoRA adapter trained instead of the full weights (`peft.LoraConfig`). The reference is then the base model
-    with the adapter disabled: no second model in memory."""
+    """LoRA adapter trained instead of the full weights (`peft.LoraConfig`). The default reference (`auto`) is then
+    the base model with the adapter disabled, and a `tr_dpo` reference is a second adapter on the same base: no
+    second model in memory either way."""
 
     r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / r)."})
