@@ -3,6 +3,7 @@
 Parametrised over the glob, so a new recipe is checked as soon as it is added.
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from align.config import (TrainConfig, load_train_config, objective_params, refe
                           training_arguments_kwargs)
 from align.logps import PairLogps
 from align.objectives import OBJECTIVES, Objective, build_objective
+from align.references import REFERENCES, reference_params
 from align.trainer import training_arguments
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -59,8 +61,47 @@ def test_recipe_loads_and_builds(path):
     torch.testing.assert_close(losses, torch.full((3,), 0.6931472))
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"} <= set(metrics)
 
-    kind, ref_params = reference_section(config.reference)
-    assert kind in ("auto", "frozen", "peft_disabled")
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_reference_section_validates(path):
+    """The `reference:` section through the registry's validator, exactly as `build_reference` checks it (without
+    loading models: a recipe may name checkpoints the user creates first, e.g. salsa-dpo's SFT ingredients)."""
+    raw = yaml.safe_load(path.read_text())
+    config = load_train_config(path)
+    kind, section = reference_section(config.reference)
+    assert kind == raw.get("reference", {}).get("kind", "auto")
+    if kind == "auto":  # resolved against the policy at build time (peft_disabled for LoRA, else frozen)
+        assert section == {}
+        return
+    assert kind in REFERENCES
+    params = reference_params(kind, section)
+    assert isinstance(params, REFERENCES[kind].Params)
+    for key, value in section.items():
+        assert getattr(params, key) == value, key  # nothing dropped or retyped by validation
+    for f in dataclasses.fields(params):  # list items keep YAML's types: a checkpoint path is a string, a weight a number
+        value = getattr(params, f.name)
+        if isinstance(value, list):
+            assert all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value), f.name
+
+
+def test_new_reference_recipes_say_what_they_promise():
+    soft, hard, salsa = (load_train_config(CONFIG_DIR / f"{name}.yaml").reference
+                         for name in ("tr-dpo-soft", "tr-dpo-hard", "salsa-dpo"))
+    assert soft == {"kind": "tr_dpo", "alpha": 0.6, "tau": 1}  # the paper's every-step soft update (METHODS §2)
+    assert hard == {"kind": "tr_dpo", "alpha": 1.0, "tau": 512}  # hard update every 512 steps
+    assert salsa["kind"] == "soup" and salsa["weights"] == [0.5, 0.5] and len(salsa["checkpoints"]) == 2
+    assert len(set(salsa["checkpoints"])) == 2  # two different SFT runs, not one twice
+    # the recipes differ from configs/dpo.yaml only where they say so
+    dpo = yaml.safe_load((CONFIG_DIR / "dpo.yaml").read_text())
+    for name in ("tr-dpo-soft", "tr-dpo-hard", "salsa-dpo"):
+        recipe = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+        assert recipe["data"] == dpo["data"], name
+        if name.startswith("tr-dpo"):
+            assert recipe["model"] == dpo["model"], name
+        expected_training = {**dpo["training"], "output_dir": f"outputs/{name}"}
+        assert recipe["training"] == expected_training, name
+    assert yaml.safe_load((CONFIG_DIR / "salsa-dpo.yaml").read_text())["model"]["name_or_path"] == \
+        salsa["checkpoints"][0]  # the policy starts from the first ingredient unless told to start from the soup
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -74,7 +115,12 @@ def test_recipe_keys_survive_validation_unchanged(path):
         assert getattr(config.data, key) == value
         assert type(getattr(config.data, key)) is type(value)
     for key, value in raw["model"].items():
-        assert getattr(config.model, key) == value
+        validated = getattr(config.model, key)
+        if dataclasses.is_dataclass(validated):  # a nested section (model.lora): compare it key by key
+            validated = dataclasses.asdict(validated)
+            assert {k: validated[k] for k in value} == value, key
+        else:
+            assert validated == value, key
     assert config.seed == raw["seed"]
 
 

@@ -1,11 +1,16 @@
 """SALSA model soups: `align soup` and the `soup` reference kind (METHODS §3)."""
 
+import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from align import toy_world
@@ -157,3 +162,209 @@ def test_soup_reference_bad_params_name_the_key(ingredients):
                         model_config=config)
     with pytest.raises(ConfigError, match=r"^reference\.checkpoints: .*no such checkpoint"):
         build_reference("soup", {"checkpoints": [ingredients[0], "/nope"]}, policy=policy, model_config=config)
+
+
+# --- LoRA adapter ingredients: each contributes its merged weights W0 + s·B·A --------------------------------------
+
+LORA_SPECS = {  # two adapters on the same base with different ranks, scales and targets
+    "lora1": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},  # s = 8 / 4
+    "lora2": {"r": 2, "lora_alpha": 6, "use_rslora": True, "target_modules": ["q_proj", "down_proj"]},  # s = 6 / √2
+}
+
+
+def save_lora_adapter(base_dir, out_dir, seed, *, with_tokenizer=False, **lora_kwargs):
+    """A LoRA adapter on `base_dir` with random non-zero A and B (peft initialises B = 0, a no-op delta)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32),
+                           LoraConfig(**lora_kwargs))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:  # std 0.1: deltas s·B·A of the size of the base weights (std 0.02)
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(out_dir)
+    if with_tokenizer:
+        toy_world.build_tokenizer().save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def lora_adapters(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("lora")
+    # lora1 ships no tokenizer (the usual adapter folder: its base's is used); lora2 ships one
+    return {name: save_lora_adapter(tiny_model_dir, root / name, seed, with_tokenizer=name == "lora2", **spec)
+            for seed, (name, spec) in enumerate(LORA_SPECS.items(), start=1)}
+
+
+def lora_deltas(adapter_dir) -> dict[str, torch.Tensor]:
+    """{base parameter name: s·B·A} computed by hand (fp64) from the saved adapter files."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config["use_rslora"] else config["r"])
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    deltas = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = tensors[key.replace(".lora_A.", ".lora_B.")]
+            deltas[module + ".weight"] = scale * (b.double() @ a.double())
+    return deltas
+
+
+def merged_by_peft(adapter_dir, base_dir):
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    return dict(PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().named_parameters())
+
+
+def assert_lora_soup(soup_params, base, adapters_and_weights, full_and_weight=None):
+    """Every LoRA-targeted tensor == Σ_k w_k (W0 + s_k B_k A_k) (+ w_F θ_F); every other tensor == the base exactly
+    (all-adapter soups) or the weighted average (mixed soups)."""
+    deltas = [(lora_deltas(path), w) for path, w in adapters_and_weights]
+    adapter_weight = sum(w for _, w in adapters_and_weights)
+    targeted = set().union(*(d for d, _ in deltas))
+    assert targeted and soup_params.keys() == base.keys()
+    for name, value in soup_params.items():
+        expected = adapter_weight * base[name].double() + sum(w * d[name] for d, w in deltas if name in d)
+        if full_and_weight is not None:
+            full, w_full = full_and_weight
+            expected = expected + w_full * full[name].double()
+        if name not in targeted and full_and_weight is None:
+            assert torch.equal(value, base[name]), name  # untouched by every adapter: bit-exactly W0
+        else:
+            torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6, msg=name)
+    return targeted
+
+
+def test_lora_soup_averages_the_merged_deltas(lora_adapters, tiny_model_dir):
+    soup, tokenizer = build_soup([lora_adapters["lora1"], lora_adapters["lora2"]], [0.3, 0.7])
+    base = params(tiny_model_dir)
+    targeted = assert_lora_soup(dict(soup.named_parameters()), base,
+                                [(lora_adapters["lora1"], 0.3), (lora_adapters["lora2"], 0.7)])
+    # q_proj in both adapters, v_proj only in lora1, down_proj only in lora2; the deltas are not negligible
+    assert {n.rsplit(".", 2)[-2] for n in targeted} == {"q_proj", "v_proj", "down_proj"}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    soup_q = dict(soup.named_parameters())[name]
+    assert (soup_q - base[name]).abs().max() > 0.01
+    assert tokenizer.get_vocab() == toy_world.build_tokenizer().get_vocab()  # lora1 has none: its base's
+    assert not hasattr(soup, "peft_config") and type(soup).__name__ == "LlamaForCausalLM"
+
+
+def test_mixed_full_and_lora_soup(lora_adapters, ingredients, tiny_model_dir):
+    # adapter first: the soup starts from a merged model (dtype and buffers from the adapter's base)
+    soup, _ = build_soup([lora_adapters["lora2"], ingredients[0]], [0.4, 0.6])
+    assert_lora_soup(dict(soup.named_parameters()), params(tiny_model_dir), [(lora_adapters["lora2"], 0.4)],
+                     full_and_weight=(params(ingredients[0]), 0.6))
+    base_buffers = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_buffers())
+    for name, b in soup.named_buffers():
+        assert torch.equal(b, base_buffers[name]), name
+
+
+def test_one_hot_weights_reproduce_the_merged_adapter(lora_adapters, ingredients, tiny_model_dir):
+    first = merged_by_peft(lora_adapters["lora1"], tiny_model_dir)
+    second = merged_by_peft(lora_adapters["lora2"], tiny_model_dir)
+    one_hot, _ = build_soup([lora_adapters["lora1"], ingredients[0]], [1.0, 0.0])
+    last_hot, _ = build_soup([ingredients[0], lora_adapters["lora2"]], [0.0, 1.0])
+    for name, value in one_hot.named_parameters():
+        assert torch.equal(value, first[name]), name  # weights (1, 0) = the merged first ingredient, bit-exactly
+    for name, value in last_hot.named_parameters():
+        assert torch.equal(value, second[name]), name
+    assert any(not torch.equal(first[n], second[n]) for n in first)
+
+
+def test_align_soup_cli_with_lora_adapters(lora_adapters, tiny_model_dir, tmp_path):
+    proc = run_cli("--out", str(tmp_path / "soup"), lora_adapters["lora1"], lora_adapters["lora2"],
+                   "--weights", "0.3", "0.7", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "soup"
+    assert not (out / "adapter_config.json").exists()  # a normal full-weight save_pretrained checkpoint
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    assert_lora_soup(params(out), params(tiny_model_dir),
+                     [(lora_adapters["lora1"], 0.3), (lora_adapters["lora2"], 0.7)])
+    manifest = json.loads((out / "soup.json").read_text())
+    assert manifest["weights"] == [0.3, 0.7]
+    assert manifest["lora_adapters"][lora_adapters["lora1"]]["base_model_name_or_path"] == str(tiny_model_dir)
+
+
+def test_soup_reference_with_lora_ingredients(lora_adapters, ingredients, tiny_model_dir, tmp_path):
+    config = ModelConfig(name_or_path=ingredients[0], dtype="float32")
+    policy = load_causal_lm(config)
+    reference = build_reference("soup", {"checkpoints": [lora_adapters["lora1"], ingredients[0]],
+                                         "weights": [0.5, 0.5]}, policy=policy, model_config=config)
+    assert_lora_soup(dict(reference.model.named_parameters()), params(tiny_model_dir),
+                     [(lora_adapters["lora1"], 0.5)], full_and_weight=(params(ingredients[0]), 0.5))
+    assert not any(p.requires_grad for p in reference.model.parameters())
+    with pytest.raises(ConfigError, match=r"^reference\.checkpoints: soup ingredient '.*nobase'.*does not exist"):
+        bad = _edited_adapter(lora_adapters["lora1"], tmp_path / "nobase", base_model_name_or_path="/nonexistent/base")
+        build_reference("soup", {"checkpoints": [bad, ingredients[0]]}, policy=policy, model_config=config)
+
+
+def _edited_adapter(adapter_dir, out_dir, **config_changes):
+    """A copy of an adapter folder with adapter_config.json keys changed (None deletes a key)."""
+    shutil.copytree(adapter_dir, out_dir)
+    path = Path(out_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key, value in config_changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    path.write_text(json.dumps(config))
+    return str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(tmp_path_factory, lora_adapters, odd_ingredients):
+    root = tmp_path_factory.mktemp("bad_lora")
+    good = lora_adapters["lora1"]
+    renamed = _edited_adapter(good, root / "renamed_weights")
+    weights_file = Path(renamed) / "adapter_model.safetensors"
+    tensors = load_file(weights_file)  # layer 1's tensors renamed to a layer the base lacks: peft only warns
+    save_file({k.replace("layers.1.", "layers.7."): v for k, v in tensors.items()}, weights_file)
+    other_tokenizer = _edited_adapter(good, root / "other_tokenizer")
+    shutil.copy(Path(odd_ingredients["other_tokenizer"]) / "tokenizer.json", other_tokenizer)
+    shutil.copy(Path(odd_ingredients["other_tokenizer"]) / "tokenizer_config.json", other_tokenizer)
+    no_weights = _edited_adapter(good, root / "no_weights")
+    (Path(no_weights) / "adapter_model.safetensors").unlink()
+    return {
+        "missing base": (_edited_adapter(good, root / "missing_base", base_model_name_or_path=str(root / "gone")),
+                         "does not exist"),
+        "uncached Hub base": (_edited_adapter(good, root / "hub_base", base_model_name_or_path="no-org/no-such-model"),
+                              "cannot load the base model"),
+        "no base": (_edited_adapter(good, root / "no_base", base_model_name_or_path=None),
+                    "no base_model_name_or_path"),
+        "base of another architecture": (
+            save_lora_adapter(odd_ingredients["wide"], root / "on_wide", 3, r=2, target_modules=["q_proj"]),
+            "different architecture"),
+        "modules_to_save": (_edited_adapter(good, root / "mts", modules_to_save=["lm_head"]), "modules_to_save"),
+        "not LoRA": (_edited_adapter(good, root / "ia3", peft_type="IA3"), "only LoRA adapters"),
+        "target not in base": (_edited_adapter(good, root / "bad_target", target_modules=["no_such_proj"]),
+                               "cannot load or merge the adapter"),
+        "weights for other modules": (renamed, "do not match its base model"),
+        "own tokenizer differs": (other_tokenizer, "different tokenizer"),
+        "no adapter weights": (no_weights, "no adapter_model.safetensors"),
+        "base is an adapter": (_edited_adapter(good, root / "on_adapter", base_model_name_or_path=good),
+                               "is itself a LoRA adapter"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing base", "uncached Hub base", "no base", "base of another architecture", "modules_to_save", "not LoRA",
+    "target not in base", "weights for other modules", "own tokenizer differs", "no adapter weights",
+    "base is an adapter"])
+def test_bad_lora_ingredient_is_a_config_error_naming_it(bad_adapters, ingredients, case):
+    path, message = bad_adapters[case]
+    for checkpoints in ([ingredients[0], path], [path, ingredients[0]]):  # as first or later ingredient
+        with pytest.raises(ConfigError) as error:
+            build_soup(checkpoints)
+        assert f"'{path}'" in str(error.value) and message in str(error.value), str(error.value)
+
+
+def test_align_soup_cli_bad_lora_ingredient_is_one_line(bad_adapters, ingredients, tmp_path):
+    path, message = bad_adapters["missing base"]
+    proc = run_cli("--out", str(tmp_path / "soup"), ingredients[0], path, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("align: error:") and message in lines[0], proc.stderr
+    assert path in lines[0] and list(tmp_path.iterdir()) == []

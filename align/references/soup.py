@@ -13,13 +13,16 @@ from align.references.frozen import FrozenReference
 @register_reference("soup")
 class SoupReference(FrozenReference):
     """SALSA (Chegini et al. 2024): the reference is the weight average Σ_k w_k θ_k of several SFT checkpoints
-    (same architecture and tokenizer), built in memory in fp32. The policy may start from the soup (write it first
-    with `align soup`) or from one ingredient."""
+    (same architecture and tokenizer), built in memory in fp32. A LoRA SFT ingredient (an adapter folder) counts as
+    its merged weights W0 + s·B·A (`align.soup`). The policy may start from the soup (write it first with
+    `align soup`) or from one ingredient."""
 
     @dataclass
     class Params:
         checkpoints: list[str] = field(
-            default_factory=list, metadata={"help": "Two or more full-weight checkpoints (save_pretrained folders)."})
+            default_factory=list,
+            metadata={"help": "Two or more checkpoints: save_pretrained folders or LoRA adapter folders (each merged "
+                              "onto its base_model_name_or_path in fp32)."})
         weights: list[float] | None = field(
             default=None, metadata={"help": "Mixing weights, >= 0 and summing to 1; default uniform (SALSA's ½, ½)."})
 
