@@ -3,6 +3,9 @@
     align train --config configs/dpo.yaml [dotted.key=value ...]
     align soup --out DIR CKPT CKPT... [--weights W W...]
     align quickstart [--output-dir DIR]
+    align rm train --config configs/rm/toy-ensemble.yaml [dotted.key=value ...]
+    align rm score --ensemble DIR --input F.jsonl --output G.jsonl [--batch-size N] [--aggregation wco] [--lam 0.5]
+    align rm toy-data --out DIR
 
 Bad input (a config key, a data row, a model path) is reported as one line naming the key, file, row or field,
 with exit status 2 and no traceback.
@@ -53,6 +56,97 @@ def _soup(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _rm_train(ns: argparse.Namespace) -> int:
+    from reward_models.config import load_rm_config
+
+    config = load_rm_config(ns.config, ns.overrides)  # before importing the trainer: bad keys fail fast
+    from reward_models.train import train_reward_model
+
+    summary = train_reward_model(config)
+    if "wall_time_s" not in summary:  # a non-main process of a distributed run: the main one reports
+        return 0
+    line = (f"trained {summary['num_members']} reward member(s) ({summary['kind']}, "
+            f"{sum(summary['global_steps'])} steps); ensemble in {summary['ensemble_dir']}")
+    evaluation = summary["eval"]
+    if evaluation is not None:
+        members = list(evaluation["members"].values())
+        accuracy = ", ".join(f"{m['accuracy']:.3f}" for m in members)
+        ece = ", ".join(f"{m['ece']:.3f}" for m in members)
+        line += f"; eval accuracy per member {accuracy} (ECE {ece})"
+        if evaluation["ensemble"] is not None:
+            ens = evaluation["ensemble"]
+            line += f"; ensemble ({ens['method']}) accuracy {ens['accuracy']:.3f} (ECE {ens['ece']:.3f})"
+    print(line)
+    return 0
+
+
+def _rm_score(ns: argparse.Namespace) -> int:
+    from reward_models.score import score_file
+
+    result = score_file(ns.ensemble, ns.input, ns.output, batch_size=ns.batch_size, aggregation=ns.aggregation,
+                        lam=ns.lam, ddof=ns.ddof, max_length=ns.max_length, overwrite=ns.overwrite)
+    params = ", ".join(f"{k}={v}" for k, v in result["aggregation"].items() if k != "method")
+    print(f"scored {result['rows']} rows with {result['members']} member(s), aggregation "
+          f"{result['aggregation']['method']}{f' ({params})' if params else ''}; wrote {result['output']}")
+    return 0
+
+
+def _rm_toy_data(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from align import toy_world
+    from align.errors import AlignError
+
+    out = Path(ns.out)
+    if out.exists() and not ns.overwrite:
+        raise AlignError(f"{ns.out}: already exists; pass --overwrite to replace it")
+    toy_world.save_reward_model_world(out, n_train=ns.train_pairs, n_eval=ns.eval_pairs, seed=ns.seed)
+    print(f"wrote {out}/base (tiny Llama + toy tokenizer), {out}/train.jsonl ({ns.train_pairs} gold-labelled pairs), "
+          f"{out}/eval.jsonl ({ns.eval_pairs} held-out pairs)")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _add_rm_parser(sub) -> None:
+    from align import toy_world
+
+    rm = sub.add_parser("rm", help="reward models: train a Bradley–Terry model or ensemble, score responses")
+    rm_sub = rm.add_subparsers(dest="rm_command", required=True)
+
+    p = rm_sub.add_parser("train", help="train a reward model or an ensemble of K with a YAML recipe (configs/rm/)")
+    p.add_argument("--config", required=True, help="YAML recipe (see configs/rm/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. ensemble.members=5 loss.label_noise=0.25")
+    p.set_defaults(func=_rm_train)
+
+    p = rm_sub.add_parser("score", help="score prompt/response rows with a trained ensemble (per member and aggregated)")
+    p.add_argument("--ensemble", required=True, help="ensemble directory (<output_dir>/ensemble of align rm train)")
+    p.add_argument("--input", required=True, help="rows {prompt, response}: .jsonl (or .json/.parquet/.csv, a dataset)")
+    p.add_argument("--output", required=True, help="JSON Lines to write: every input field + rewards + reward")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="rows per forward (default 16)")
+    p.add_argument("--aggregation", help="mean | wco | uwo (default: the ensemble's saved aggregation)")
+    p.add_argument("--lam", type=float, help="λ of uwo (>= 0; default 0.5)")
+    p.add_argument("--ddof", type=int, help="variance of uwo: 0 population (default), 1 unbiased")
+    p.add_argument("--max-length", type=_positive_int, help="keep the last N tokens of longer rows (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.set_defaults(func=_rm_score)
+
+    p = rm_sub.add_parser("toy-data", help="write the toy world's reward-model data and base model "
+                                           "(for configs/rm/toy-ensemble.yaml)")
+    p.add_argument("--out", default="outputs/rm-toy", help="directory to write (default outputs/rm-toy)")
+    p.add_argument("--train-pairs", type=_positive_int, default=toy_world.RM_TRAIN_PAIRS)
+    p.add_argument("--eval-pairs", type=_positive_int, default=toy_world.RM_EVAL_PAIRS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=_rm_toy_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="Preference alignment for LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,7 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/quickstart", help="where the run's files go")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_quickstart)
+
+    _add_rm_parser(sub)
     return parser
+
+
+def _shut_down_process_group() -> None:
+    """Ends a distributed job in step: every rank waits for the others, then leaves the process group.
+
+    Without it ranks exit in any order; under DeepSpeed's launcher rank 0 hosts the rendezvous store, and a rank
+    still talking to it when rank 0 exits was seen to abort ("terminate called without an active exception") after
+    training had finished and `final/` was written.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     from align.errors import AlignError
 
     try:
-        return ns.func(ns)
+        status = ns.func(ns)
+        _shut_down_process_group()
+        return status
     except AlignError as e:
         print(f"align: error: {e}", file=sys.stderr)
         return 2

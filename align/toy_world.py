@@ -195,3 +195,51 @@ def save_base_model(output_dir: str | Path, *, seed: int = 0, **model_kwargs) ->
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+# --- reward models ----------------------------------------------------------------------------------------------
+
+#: Sizes of the data `save_reward_model_world` writes (`configs/rm/toy-ensemble.yaml` trains on them).
+RM_TRAIN_PAIRS, RM_EVAL_PAIRS = 2000, 500
+
+
+def make_reward_model_splits(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Gold-labelled preference pairs for training proxy reward models and for measuring them against the gold
+    reward: `(train rows, held-out rows)`.
+
+    Train rows are `make_preference_rows(n_train, seed)`; held-out rows come from another stream
+    (`make_preference_rows` with seed `seed + 1`), leaving out any pair of responses to a prompt that also occurs in
+    the training rows (in either order), so held-out accuracy is measured on pairs no proxy saw. Both are labelled
+    by the gold reward, chosen above rejected, with no noise (label noise is injected by `align rm train`).
+    """
+    train = make_preference_rows(n_train, seed=seed)
+    seen = {(r["prompt"], frozenset((r["chosen"], r["rejected"]))) for r in train}
+    held_out: list[dict] = []
+    extra = 0
+    while len(held_out) < n_eval:
+        # Draw a larger stream (a prefix of a longer draw is the shorter draw) until enough pairs are unseen.
+        candidates = make_preference_rows(n_eval + extra, seed=seed + 1)
+        held_out = [r for r in candidates if (r["prompt"], frozenset((r["chosen"], r["rejected"]))) not in seen]
+        extra += max(16, n_eval - len(held_out))
+    return train, held_out[:n_eval]
+
+
+def save_reward_model_world(output_dir: str | Path, *, n_train: int = RM_TRAIN_PAIRS, n_eval: int = RM_EVAL_PAIRS,
+                            seed: int = 0) -> Path:
+    """Writes what `configs/rm/toy-ensemble.yaml` trains on, atomically (`align rm toy-data --out DIR`):
+
+        base/         the toy tokenizer and an untrained tiny Llama (`save_base_model`): the proxies' backbone
+        train.jsonl   `n_train` gold-labelled prompt/chosen/rejected pairs
+        eval.jsonl    `n_eval` held-out gold-labelled pairs (`make_reward_model_splits`)
+    """
+    import json
+
+    from align.io import atomic_directory
+
+    train, held_out = make_reward_model_splits(n_train, n_eval, seed=seed)
+    output_dir = Path(output_dir)
+    with atomic_directory(output_dir) as tmp:
+        save_base_model(tmp / "base", seed=seed)
+        for name, rows in (("train.jsonl", train), ("eval.jsonl", held_out)):
+            (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return output_dir

@@ -45,6 +45,14 @@
 # when that host is this machine (`localhost slots=2` works without sshd) and otherwise forces the ssh path.
 set -euo pipefail
 
+# ALIGN_COMMAND: the align subcommand to launch, `train` (default: policy training) or `rm train` (reward models and
+# ensembles, configs/rm/*.yaml; its default ZERO is zero2). Both take --config and dotted overrides.
+case "${ALIGN_COMMAND:-train}" in
+    train) align_command=(train) ;;
+    "rm train") align_command=(rm train) ;;
+    *) echo "error: ALIGN_COMMAND must be 'train' or 'rm train', got '${ALIGN_COMMAND}'" >&2; exit 2 ;;
+esac
+
 usage() {
     echo "usage: HOSTFILE=FILE [ZERO=zero2|zero3|zero2_offload|zero3_offload|FILE.json] [MASTER_ADDR=A]" \
          "[MASTER_PORT=P] [NODE_RANK=R] $0 --config RECIPE.yaml [dotted.key=value ...]" >&2
@@ -83,7 +91,8 @@ done
 if [[ $user_deepspeed -eq 1 && -n "${ZERO:-}" ]]; then
     usage "ZERO=$ZERO and a training.deepspeed=... override both choose the DeepSpeed config; give one"
 fi
-ZERO="${ZERO:-zero3}"
+# `align rm train` refuses ZeRO-3 (reward ensembles are trained with ZeRO-2), so its default is zero2.
+if [[ "${ALIGN_COMMAND:-train}" == "rm train" ]]; then ZERO="${ZERO:-zero2}"; else ZERO="${ZERO:-zero3}"; fi
 case "$ZERO" in
     zero2|zero3|zero2_offload|zero3_offload) ds_config="$LAUNCH_DIR/$ZERO.json" ;;
     *.json)
@@ -137,7 +146,7 @@ elif [[ ${#hosts[@]} -eq 1 || "${NUM_NODES:-}" == 1 ]]; then
 fi
 [[ -z "$master_addr" ]] || runner+=(--master_addr "$master_addr")
 
-cmd=("$PYTHON" -m deepspeed.launcher.runner "${runner[@]}" --no_local_rank --module align.cli train "$@"
+cmd=("$PYTHON" -m deepspeed.launcher.runner "${runner[@]}" --no_local_rank --module align.cli "${align_command[@]}" "$@"
      ${extra[@]+"${extra[@]}"})
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then

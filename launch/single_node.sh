@@ -40,6 +40,14 @@
 # launch/multi_node.sh uses that launcher, with --no_local_rank, because it reads hostfiles and fans out over ssh.
 set -euo pipefail
 
+# ALIGN_COMMAND: the align subcommand to launch, `train` (default: policy training) or `rm train` (reward models and
+# ensembles, configs/rm/*.yaml; its default ZERO is zero2). Both take --config and dotted overrides.
+case "${ALIGN_COMMAND:-train}" in
+    train) align_command=(train) ;;
+    "rm train") align_command=(rm train) ;;
+    *) echo "error: ALIGN_COMMAND must be 'train' or 'rm train', got '${ALIGN_COMMAND}'" >&2; exit 2 ;;
+esac
+
 usage() {
     echo "usage: [NUM_GPUS=N] [ZERO=zero2|zero3|zero2_offload|zero3_offload|FILE.json] [MASTER_PORT=P]" \
          "$0 --config RECIPE.yaml [dotted.key=value ...]" >&2
@@ -78,7 +86,8 @@ done
 if [[ $user_deepspeed -eq 1 && -n "${ZERO:-}" ]]; then
     usage "ZERO=$ZERO and a training.deepspeed=... override both choose the DeepSpeed config; give one"
 fi
-ZERO="${ZERO:-zero3}"
+# `align rm train` refuses ZeRO-3 (reward ensembles are trained with ZeRO-2), so its default is zero2.
+if [[ "${ALIGN_COMMAND:-train}" == "rm train" ]]; then ZERO="${ZERO:-zero2}"; else ZERO="${ZERO:-zero3}"; fi
 case "$ZERO" in
     zero2|zero3|zero2_offload|zero3_offload) ds_config="$LAUNCH_DIR/$ZERO.json" ;;
     *.json)
@@ -113,7 +122,7 @@ else
 fi
 read -r -a torchrun_extra <<< "${TORCHRUN_ARGS:-}"
 cmd=("$PYTHON" -m torch.distributed.run --nnodes 1 --nproc_per_node "$NUM_GPUS" "${rendezvous[@]}"
-     ${torchrun_extra[@]+"${torchrun_extra[@]}"} -m align.cli train "$@" ${extra[@]+"${extra[@]}"})
+     ${torchrun_extra[@]+"${torchrun_extra[@]}"} -m align.cli "${align_command[@]}" "$@" ${extra[@]+"${extra[@]}"})
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '%q ' "${cmd[@]}"

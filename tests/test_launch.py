@@ -249,6 +249,11 @@ def test_single_node_command(tmp_path):
     cmd = dry_run("single_node.sh", "--config", str(recipe), NUM_GPUS="1", ZERO="zero2_offload", MASTER_PORT="1234")
     assert cmd[-1] == f"training.deepspeed={LAUNCH}/zero2_offload.json"
     assert get_args_parser().parse_args(cmd[3:]).master_port == 1234
+    # ALIGN_COMMAND="rm train" launches reward-model training, with ZeRO-2 by default (rm train refuses ZeRO-3)
+    cmd = dry_run("single_node.sh", "--config", str(recipe), NUM_GPUS="2", ALIGN_COMMAND="rm train")
+    torchrun = get_args_parser().parse_args(cmd[3:])
+    assert [torchrun.training_script, *torchrun.training_script_args] == [
+        "align.cli", "rm", "train", "--config", str(recipe), f"training.deepspeed={LAUNCH}/zero2.json"]
 
 
 def test_multi_node_command_over_ssh(tmp_path):
@@ -304,17 +309,22 @@ def test_bad_arguments_print_the_usage(tmp_path, script, args, env, message):
     assert proc.stderr.startswith("usage: ") and message in proc.stderr, proc.stderr
 
 
-# --- offload on CPU (opt-in: DeepSpeed compiles its CPU Adam extension on first use) --------------------------------
+# --- offload on CPU -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("ALIGN_TEST_OFFLOAD") != "1",
-                    reason="compiles DeepSpeed's cpu_adam extension on first use (minutes with a cold "
-                           "~/.cache/torch_extensions); run with ALIGN_TEST_OFFLOAD=1")
 @pytest.mark.parametrize("zero", ["zero2_offload", "zero3_offload"])
 def test_offload_configs_train_on_cpu(job, zero):
+    """The shipped offload configs, with one change: the torch AdamW the Trainer builds instead of DeepSpeed's CPU
+    Adam (`zero_force_ds_cpu_optimizer: false`), whose C++ extension takes minutes to compile on a cold machine. The
+    offload settings themselves (optimizer state, and for ZeRO-3 the weights, in CPU memory) are exercised as
+    shipped; the shipped optimizer section is validated by DeepSpeed in test_zero_config_is_accepted_..."""
+    config = json.loads((LAUNCH / f"{zero}.json").read_text())
+    assert config.pop("optimizer")["type"] == "AdamW"
+    config["zero_force_ds_cpu_optimizer"] = False
+    path = job["root"] / f"{zero}-torch-adamw.json"
+    path.write_text(json.dumps(config))
     out = job["root"] / zero
     proc = run_script("single_node.sh", align_args(job, out),
-                      script_env(NUM_GPUS="2", ZERO=zero, MASTER_PORT=str(free_port())), timeout=900)
+                      script_env(NUM_GPUS="2", ZERO=str(path), MASTER_PORT=str(free_port())), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_trained_on_two_processes(out, job["model"])

@@ -259,3 +259,43 @@ def test_build_tiny_model_leaves_the_global_torch_rng_alone(toy_tokenizer):
     torch.manual_seed(7)
     tw.build_tiny_model(toy_tokenizer, seed=0, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
     assert torch.equal(torch.rand(3), expected)
+
+
+# --- reward-model data ---------------------------------------------------------------------------------------------
+
+
+def _pair_key(row):
+    return row["prompt"], frozenset((row["chosen"], row["rejected"]))
+
+
+def test_reward_model_splits_are_gold_labelled_held_out_and_seeded():
+    train, held_out = tw.make_reward_model_splits(300, 120, seed=5)
+    assert len(train) == 300 and len(held_out) == 120
+    assert train == tw.make_preference_rows(300, seed=5)  # the training pairs are the usual stream
+    assert not {_pair_key(r) for r in train} & {_pair_key(r) for r in held_out}  # no pair is in both
+    for row in train + held_out:
+        assert tw.gold_reward(row["chosen"]) > tw.gold_reward(row["rejected"])
+    assert tw.make_reward_model_splits(300, 120, seed=5) == (train, held_out)
+    assert tw.make_reward_model_splits(300, 120, seed=6)[1] != held_out
+
+
+def test_reward_model_splits_leave_out_pairs_seen_in_training(monkeypatch):
+    # Make the held-out stream the training stream itself: every one of its first pairs was seen in training and
+    # must be skipped, so the held-out rows are the stream's continuation.
+    original = tw.make_preference_rows
+    monkeypatch.setattr(tw, "make_preference_rows", lambda n, seed=0: original(n, seed=0))
+    train, held_out = tw.make_reward_model_splits(30, 12, seed=0)
+    assert train == original(30, seed=0)
+    assert held_out == original(42, seed=0)[30:]
+
+
+def test_save_reward_model_world_writes_base_and_pairs(tmp_path):
+    import json
+
+    out = tw.save_reward_model_world(tmp_path / "rm-toy", n_train=20, n_eval=8, seed=0)
+    assert sorted(p.name for p in out.iterdir()) == ["base", "eval.jsonl", "train.jsonl"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # written atomically
+    train = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    held_out = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert (train, held_out) == tw.make_reward_model_splits(20, 8, seed=0)
+    assert {"config.json", "tokenizer.json"} <= {p.name for p in (out / "base").iterdir()}
