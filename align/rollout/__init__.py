@@ -1,9 +1,61 @@
 """Rollouts: sample completions from a policy behind one interface (`RolloutBackend`).
 
-Backends: `hf` (transformers `generate`, the CPU default). A vLLM backend joins through the same interface.
+Backends (config key `rollout.backend`): `hf` (transformers `generate`, batched with KV cache: the CPU default) and
+`vllm` (vLLM's offline engine on a CUDA GPU: `pip install 'align[vllm]'`; vLLM is imported only when this backend is
+built). Both take the same `SamplingParams` and return the same `Completion`s; `logprob_gap` reports how far the
+sampler's log-probs are from the trainer's on the sampled tokens.
 """
 
-from align.rollout.base import Completion, RolloutBackend, SamplingParams
+from __future__ import annotations
+
+import inspect
+import os
+
+from align.errors import ConfigError
+from align.rollout.base import Completion, RolloutBackend, SamplingParams, prompt_token_ids
+from align.rollout.health import logprob_gap
 from align.rollout.hf import HFRollout
 
-__all__ = ["Completion", "RolloutBackend", "SamplingParams", "HFRollout"]
+__all__ = ["BACKENDS", "Completion", "RolloutBackend", "SamplingParams", "HFRollout", "build_rollout",
+           "logprob_gap", "prompt_token_ids"]
+
+#: `rollout.backend` values.
+BACKENDS = ("hf", "vllm")
+
+
+def _backend_class(backend: str):
+    if backend == "hf":
+        return HFRollout
+    if backend == "vllm":
+        from align.rollout.vllm import VLLMRollout  # a module without top-level vllm import; vllm itself is lazy
+
+        return VLLMRollout
+    raise ConfigError(f"rollout.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def build_rollout(backend: str, model_or_path, tokenizer, **options) -> RolloutBackend:
+    """The rollout backend named by `rollout.backend`.
+
+    Args:
+        backend: "hf" or "vllm".
+        model_or_path: a transformers model (the policy being trained) or a model directory / Hub id. `hf` loads a
+            path with `AutoModelForCausalLM`; `vllm` builds its engine from the path (a model's `name_or_path`)
+            and then loads the model's in-memory weights.
+        tokenizer: the data pipeline's tokenizer; both backends tokenize prompts with it.
+        options: the backend's keyword options (`hf`: batch_size, progress; `vllm`: dtype, seed,
+            gpu_memory_utilization, enable_prefix_caching, progress and other `vllm.LLM` arguments). An option the
+            backend does not take is a `ConfigError` naming `rollout.<option>`.
+    """
+    cls = _backend_class(backend)
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not takes_any:
+        unknown = sorted(set(options) - set(params))
+        if unknown:
+            raise ConfigError(f"rollout.{unknown[0]}: not an option of rollout.backend {backend!r} "
+                              f"(its options: {', '.join(p for p in params if p not in ('self', 'model', 'tokenizer'))})")
+    if backend == "hf" and isinstance(model_or_path, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM
+
+        model_or_path = AutoModelForCausalLM.from_pretrained(str(model_or_path))
+    return cls(model_or_path, tokenizer, **options)

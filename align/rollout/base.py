@@ -48,3 +48,8 @@ class RolloutBackend(abc.ABC):
     @abc.abstractmethod
     def load_weights(self, model) -> None:
         """Makes the backend sample from `model`'s current weights (on-policy training)."""
+
+
+def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The ids every backend samples after: the data pipeline's tokenization of text prompts (BOS added)."""
+    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from align.logps import score_completions
-from align.rollout.base import Completion, RolloutBackend, SamplingParams
+from align.rollout.base import Completion, RolloutBackend, SamplingParams, prompt_token_ids
 
 
 class HFRollout(RolloutBackend):
@@ -28,7 +28,7 @@ class HFRollout(RolloutBackend):
                  ) -> list[list[Completion]]:
         sampling = sampling or SamplingParams()
         tok, model = self.tokenizer, self.model
-        prompt_ids = tok(list(prompts), add_special_tokens=True)["input_ids"]
+        prompt_ids = prompt_token_ids(tok, prompts)
         jobs = [(i, j) for i in range(len(prompts)) for j in range(n)]
         eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         device = next(model.parameters()).device
