@@ -6,6 +6,7 @@
     align rm train --config configs/rm/toy-ensemble.yaml [dotted.key=value ...]
     align rm score --ensemble DIR --input F.jsonl --output G.jsonl [--batch-size N] [--aggregation wco] [--lam 0.5]
     align rm toy-data --out DIR
+    align bon --config configs/bon/toy.yaml [dotted.key=value ...]
 
 Bad input (a config key, a data row, a model path) is reported as one line naming the key, file, row or field,
 with exit status 2 and no traceback.
@@ -106,6 +107,17 @@ def _rm_toy_data(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _bon(ns: argparse.Namespace) -> int:
+    from eval.bon import format_table, load_bon_config, run_bon
+
+    config = load_bon_config(ns.config, ns.overrides)  # before loading models: bad keys fail fast
+    results = run_bon(config)
+    print(format_table(results))
+    print(f"best-of-n over {results['num_prompts']} prompts x N={results['num_samples']} samples; outputs in "
+          f"{config.output_dir} (results.json, per_prompt.csv, samples.jsonl, *_vs_kl.png)")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -168,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_quickstart)
 
     _add_rm_parser(sub)
+
+    p = sub.add_parser("bon", help="offline best-of-n study: sample N per prompt, score with a reward ensemble, "
+                                   "reward vs KL curves")
+    p.add_argument("--config", required=True, help="YAML study (see configs/bon/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. num_samples=16")
+    p.set_defaults(func=_bon)
     return parser
 
 

@@ -1,0 +1,170 @@
+"""The offline best-of-n study (eval/bon.py, `align bon`): plumbing on a tiny untrained base and ensemble."""
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from align import toy_world
+from align.errors import AlignError, ConfigError, DataError
+from align.modeling import ModelConfig
+from eval.best_of_n import expected_best_of_n
+from eval.bon import check_tokenizers, load_bon_config, run_bon
+from reward_models import RewardEnsemble
+from reward_models.aggregate import aggregate
+
+N, P = 8, 4
+LABELS = ["mean", "wco", "uwo(lam=0.5)"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bon")
+    base = toy_world.save_base_model(root / "base", seed=0)
+    ensemble = RewardEnsemble.build("multi_head", ModelConfig(name_or_path=str(base), dtype="float32"), 3,
+                                    seeds=[1, 2, 3])
+    ensemble.save(root / "ensemble")
+    return root
+
+
+def raw(world, **changes):
+    cfg = {"model": {"name_or_path": str(world / "base"), "dtype": "float32"},
+           "prompts": {"toy_world": P, "seed": 5},
+           "ensemble": str(world / "ensemble"),
+           "num_samples": N,
+           "sampling": {"max_new_tokens": 8},
+           "gold": "toy_world",
+           "output_dir": str(world / "out"),
+           "batch_size": 32,
+           "progress": False}
+    cfg.update(changes)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def study(world):
+    results = run_bon(load_bon_config(None, base=raw(world)))
+    return results, world / "out"
+
+
+def test_rows_cover_every_aggregation_and_n(study):
+    results, _ = study
+    assert results["ns"] == [1, 2, 4, 8]
+    assert [(r["aggregation"], r["n"]) for r in results["rows"]] == [(a, n) for a in LABELS for n in [1, 2, 4, 8]]
+    on_disk = json.loads((study[1] / "results.json").read_text())
+    assert on_disk["rows"] == results["rows"] and on_disk["num_prompts"] == P and on_disk["num_samples"] == N
+    for r in results["rows"]:
+        assert r["kl_bound"] == pytest.approx(math.log(r["n"]) - (r["n"] - 1) / r["n"])
+        assert -1e-12 <= r["kl_estimate"] <= r["kl_bound"] + 1e-12
+        assert set(r) >= {"aggregation", "n", "proxy_reward", "gold_reward", "kl_bound", "kl_estimate"}
+    assert all(r["kl_estimate"] == 0 for r in results["rows"] if r["n"] == 1)
+
+
+def test_numbers_match_the_samples(study):
+    results, out = study
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == P * N
+    members = torch.tensor([s["rewards"] for s in samples], dtype=torch.float64)
+    gold = torch.tensor([s["gold"] for s in samples], dtype=torch.float64).reshape(P, N)
+    assert gold.flatten().tolist() == toy_world.gold_rewards([s["response"] for s in samples])
+    assert all(s["log_eps"] <= 0 for s in samples)
+    rows = {(r["aggregation"], r["n"]): r for r in results["rows"]}
+    for label, method, params in [("mean", "mean", {}), ("wco", "wco", {}), ("uwo(lam=0.5)", "uwo", {"lam": 0.5})]:
+        proxy = aggregate(members, method, **params).reshape(P, N)
+        assert rows[(label, 1)]["proxy_reward"] == pytest.approx(float(proxy.mean()), abs=1e-9)
+        assert rows[(label, N)]["proxy_reward"] == pytest.approx(float(proxy.max(dim=1).values.mean()), abs=1e-9)
+        assert rows[(label, 4)]["proxy_reward"] == pytest.approx(float(expected_best_of_n(proxy, 4).mean()), abs=1e-9)
+        assert rows[(label, 1)]["gold_reward"] == pytest.approx(float(gold.mean()), abs=1e-9)
+        best = proxy.argmax(dim=1)
+        assert rows[(label, N)]["gold_reward"] == pytest.approx(float(gold[torch.arange(P), best].mean()), abs=1e-9)
+    assert rows[("wco", 1)]["proxy_reward"] <= rows[("mean", 1)]["proxy_reward"] + 1e-12
+
+
+def test_csv_and_plots(study):
+    _, out = study
+    with open(out / "per_prompt.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(LABELS) * 4 * P
+    assert set(rows[0]) == {"aggregation", "n", "prompt_index", "proxy_reward", "gold_reward", "kl_estimate"}
+    for name in ("gold_vs_kl.png", "proxy_vs_kl.png"):
+        data = (out / name).read_bytes()
+        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_existing_results_not_overwritten(world, study):
+    before = (study[1] / "results.json").read_text()
+    with pytest.raises(AlignError, match="overwrite=true"):
+        run_bon(load_bon_config(None, base=raw(world)))
+    assert (study[1] / "results.json").read_text() == before
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"num_samples": 0}, "num_samples: must be an integer >= 1"),
+    ({"sampling": {"temperature": 0.7}}, "sampling.temperature: must be 1"),
+    ({"sampling": {"top_k": 5}}, "sampling.top_k: must be 0"),
+    ({"aggregations": [{"method": "uwo", "lam": -1}]}, r"aggregations\[0\]"),
+    ({"prompts": {"toy_world": 2, "file": "x.jsonl"}}, "exactly one"),
+    ({"gold": "human"}, "gold"),
+    ({"nope": 1}, "nope: unknown key"),
+])
+def test_config_errors(world, changes, match):
+    with pytest.raises(ConfigError, match=match):
+        load_bon_config(None, base=raw(world, **changes))
+
+
+def test_empty_prompt_names_file_row_field(world, tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "tell me about the movie ."}) + "\n" + json.dumps({"prompt": "  "}) + "\n")
+    config = load_bon_config(None, base=raw(world, prompts={"file": str(path)}, output_dir=str(tmp_path / "o")))
+    with pytest.raises(DataError, match=r"prompts.jsonl: row 2: field 'prompt': is empty"):
+        run_bon(config)
+
+
+def test_missing_ensemble(world, tmp_path):
+    config = load_bon_config(None, base=raw(world, ensemble=str(tmp_path / "none"), output_dir=str(tmp_path / "o")))
+    with pytest.raises(AlignError, match="directory not found"):
+        run_bon(config)
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_mismatch_refused(toy_tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(w for w in toy_world.vocabulary() if w != "great")}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    check_tokenizers(toy_tokenizer, other, ["the movie was fun ."], what="responses", ensemble_dir="E")
+    with pytest.raises(AlignError, match="tokenizer does not match.*1 of 2 responses"):
+        check_tokenizers(toy_tokenizer, other, ["the movie was great .", "it was fun ."], what="responses",
+                         ensemble_dir="E")
+
+
+def test_cli_end_to_end(world, tmp_path, capsys):
+    from align.cli import main
+
+    config = tmp_path / "bon.yaml"
+    import yaml
+
+    config.write_text(yaml.safe_dump(raw(world, output_dir=str(tmp_path / "cli"))))
+    assert main(["bon", "--config", str(config), "num_samples=2", "aggregations=[{method: wco}]"]) == 0
+    printed = capsys.readouterr().out
+    assert "wco proxy" in printed and str(tmp_path / "cli") in printed
+    results = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert [(r["aggregation"], r["n"]) for r in results["rows"]] == [("wco", 1), ("wco", 2)]
+    assert main(["bon", "--config", str(config), "num_samples=0"]) == 2
+    assert "num_samples: must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs" / "bon").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_bon_recipes_validate(path):
+    from eval.bon import load_bon_config
+
+    config = load_bon_config(path)
+    assert config.num_samples >= 2 and config.sampling.temperature == 1.0
+    assert {a["method"] for a in config.aggregations} == {"mean", "wco", "uwo"}
