@@ -2,9 +2,9 @@
 
 What `run_bon` does:
 
-1. Samples N = `num_samples` responses per prompt ONCE from the base policy (`align.rollout.build_rollout("hf", …)`,
-   with a progress bar), keeping for each response `log_eps` = the sum of its per-token log-probs. Sampling must be
-   plain ancestral sampling (temperature 1, no top-k, no top-p; refused otherwise): only then is `log_eps` the base
+1. Samples N = `num_samples` responses per prompt ONCE from the base policy (`align.rollout.build_rollout`, backend
+   `rollout.backend`, with a progress bar), keeping for each response `log_eps` = the sum of its per-token
+   log-probs. Sampling must be plain ancestral sampling (temperature 1, no top-k, no top-p; refused otherwise): only then is `log_eps` the base
    policy's full-sequence `log π_ref(y|x)` that Beirami et al.'s KL estimator needs, and only then are the samples
    draws from π_ref, which the best-of-n curves and both KL columns are about. A response cut by `max_new_tokens`
    is still a valid outcome of that sampler (its probability is the product of its token probabilities).
@@ -106,6 +106,14 @@ def _default_sampling() -> SamplingParams:
 
 
 @dataclass
+class BonRollout:
+    """Which rollout backend samples the N responses (`align.rollout.build_rollout`)."""
+
+    backend: str = field(default="hf", metadata={
+        "help": "hf (transformers generate, batched; the CPU default) or vllm (align[vllm], CUDA GPU; faster)."})
+
+
+@dataclass
 class BonConfig:
     """An offline best-of-n study (`align bon --config configs/bon/X.yaml [dotted.key=value ...]`)."""
 
@@ -128,6 +136,7 @@ class BonConfig:
     max_length: int | None = field(default=None, metadata={
         "help": "Scoring: keep the last max_length tokens of longer prompt+response rows (None: no truncation)."})
     progress: bool = field(default=True, metadata={"help": "Progress bars for sampling and scoring."})
+    rollout: BonRollout = field(default_factory=BonRollout, metadata={"help": "Sampling backend (see BonRollout)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace the outputs of a finished run in output_dir."})
 
 
@@ -347,15 +356,21 @@ def run_bon(config: BonConfig) -> dict[str, Any]:
             raise ConfigError(f"aggregations ({aggregation_label(spec)}) with ensemble '{config.ensemble}': {e}") from None
     tokenizer = load_tokenizer(config.model)
     check_tokenizers(tokenizer, ensemble.tokenizer, prompts, what="prompts", ensemble_dir=config.ensemble)
-    model = load_causal_lm(config.model)
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    if config.rollout.backend == "vllm":  # vLLM builds its own engine from the checkpoint: no HF copy in memory
+        model = None
+        rollout = build_rollout("vllm", config.model.name_or_path, tokenizer, seed=config.seed,
+                                progress=config.progress)
+    else:
+        model = load_causal_lm(config.model)
+        if torch.cuda.is_available():
+            model = model.to("cuda")
+        rollout = build_rollout(config.rollout.backend, model, tokenizer, batch_size=config.batch_size,
+                                progress=config.progress)
 
     # 1. Sample N per prompt once.
     P, N = len(prompts), config.num_samples
     sampling = SamplingParams(**{**asdict(config.sampling),
                                  "seed": config.sampling.seed if config.sampling.seed is not None else config.seed})
-    rollout = build_rollout("hf", model, tokenizer, batch_size=config.batch_size, progress=config.progress)
     t0 = time.perf_counter()
     completions = rollout.generate(prompts, n=N, sampling=sampling)
     sampling_s = time.perf_counter() - t0

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,19 @@ def test_empty_prompt_names_file_row_field(world, tmp_path):
 def test_missing_ensemble(world, tmp_path):
     config = load_bon_config(None, base=raw(world, ensemble=str(tmp_path / "none"), output_dir=str(tmp_path / "o")))
     with pytest.raises(AlignError, match="directory not found"):
+        run_bon(config)
+    assert not (tmp_path / "o").exists()
+
+
+def test_rollout_backend_is_chosen_in_config(world, tmp_path, monkeypatch):
+    # An unknown backend, and vllm where it cannot run (not installed, or no GPU): one error naming the key, with
+    # what to do, before anything is written.
+    config = load_bon_config(None, base=raw(world, output_dir=str(tmp_path / "o")), overrides=["rollout.backend=tgi"])
+    with pytest.raises(ConfigError, match=r"^rollout\.backend: unknown backend 'tgi'"):
+        run_bon(config)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError even where vllm is installed
+    config = load_bon_config(None, base=raw(world, output_dir=str(tmp_path / "o")), overrides=["rollout.backend=vllm"])
+    with pytest.raises(ConfigError, match=r"^rollout\.backend: vllm is not installed; pip install 'align\[vllm\]'"):
         run_bon(config)
     assert not (tmp_path / "o").exists()
 
