@@ -88,6 +88,12 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Reads a YAML recipe (or starts from `base`), applies `dotted.key=value` overrides and validates everything."""
+    return load_recipe(path, overrides, base, validate_train_config)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str], base: dict | None, validate):
+    """The loading every recipe kind shares (`align train`, `align rm train`, `align bon`): YAML file (or `base`) →
+    dotted overrides → `validate(raw)`. Every error is one ConfigError starting with the file name (or "config")."""
     raw = copy.deepcopy(base or {})  # overrides must not write into the caller's nested dicts
     where = "config"
     if path is not None:
@@ -105,7 +111,7 @@ def load_train_config(path: str | Path | None, overrides: list[str] = (), base: 
     for item in overrides:
         apply_override(raw, item)
     try:
-        return validate_train_config(raw)
+        return validate(raw)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 

@@ -44,7 +44,6 @@ Errors a user can cause are `AlignError`s naming the config key, file, row or fi
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -194,32 +193,14 @@ def _check_config(config: BonConfig) -> list[dict]:
 
 def load_bon_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> BonConfig:
     """Reads a YAML study (or starts from `base`), applies `dotted.key=value` overrides, validates every key."""
-    import yaml
+    from align.config import from_dict, load_recipe
 
-    from align.config import apply_override, from_dict, load_yaml
-
-    raw = copy.deepcopy(base or {})
-    where = "config"
-    if path is not None:
-        where = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-        try:
-            raw = load_yaml(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
-    for item in overrides:
-        apply_override(raw, item)
-    try:
+    def validate(raw: dict) -> BonConfig:
         config = from_dict(BonConfig, raw)
         _check_config(config)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    return config
+        return config
+
+    return load_recipe(path, overrides, base, validate)
 
 
 def load_prompts(section: BonPrompts) -> list[str]:

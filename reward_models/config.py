@@ -19,14 +19,12 @@ dotted key, exactly as for `align train`.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from align.config import apply_override, from_dict, load_yaml, training_arguments_kwargs
+from align.config import from_dict, load_recipe, training_arguments_kwargs
 from align.data import DataConfig
 from align.errors import ConfigError
 from align.modeling import LoraSection, ModelConfig
@@ -196,26 +194,7 @@ def load_rm_config(path: str | Path | None, overrides: list[str] = (), base: dic
     """Reads a YAML recipe (or starts from `base`), applies `dotted.key=value` overrides and validates everything.
 
     Every error is a ConfigError starting with the file name (or "config") and naming the dotted key."""
-    raw = copy.deepcopy(base or {})
-    where = "config"
-    if path is not None:
-        where = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-        try:
-            raw = load_yaml(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for item in overrides:
-        apply_override(raw, item)
-    try:
-        return validate_rm_config(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    return load_recipe(path, overrides, base, validate_rm_config)
 
 
 def validate_rm_config(raw: dict) -> RMConfig:
