@@ -521,9 +521,8 @@ def tokenize_preference_rows(rows, tokenizer, *, source: str = "<rows>", max_len
     return PreferenceDataset(kept_p, kept_c, kept_r), report
 
 
-def build_preference_dataset(config: DataConfig, tokenizer, which: str = "train",
-                             ) -> tuple[PreferenceDataset, LengthReport]:
-    """Loads and tokenizes the `which` ("train" or "eval") data of `config`."""
+def load_config_rows(config: DataConfig, which: str = "train") -> tuple[Any, str]:
+    """The raw rows of the `which` ("train" or "eval") data of `config` and the name errors should use."""
     if which == "train":
         source, split = config.train, config.train_split
     elif which == "eval":
@@ -532,7 +531,13 @@ def build_preference_dataset(config: DataConfig, tokenizer, which: str = "train"
         source, split = config.eval, config.eval_split
     else:
         raise ValueError(f"which must be 'train' or 'eval', got {which!r}")
-    rows, name = load_rows(source, split)
+    return load_rows(source, split)
+
+
+def build_preference_dataset(config: DataConfig, tokenizer, which: str = "train",
+                             ) -> tuple[PreferenceDataset, LengthReport]:
+    """Loads and tokenizes the `which` ("train" or "eval") data of `config`."""
+    rows, name = load_config_rows(config, which)
     return tokenize_preference_rows(rows, tokenizer, source=name, max_length=config.max_length,
                                     max_prompt_length=config.max_prompt_length,
                                     length_policy=config.length_policy)

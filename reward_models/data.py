@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from align.data import DataConfig, LengthReport, load_rows, validate_preference_rows
+from align.data import DataConfig, LengthReport, load_config_rows, validate_preference_rows
 from align.errors import ConfigError, DataError
 from reward_models.ensemble import encode_pairs, pad_right
 
@@ -127,15 +127,7 @@ def tokenize_reward_pairs(rows, tokenizer, *, source: str = "<rows>", max_length
 
 def build_reward_dataset(config: DataConfig, tokenizer, which: str = "train") -> tuple[RewardPairs, LengthReport]:
     """Loads and tokenizes the `which` ("train" or "eval") data of `config` (errors name file, row and field)."""
-    if which == "train":
-        source, split = config.train, config.train_split
-    elif which == "eval":
-        if config.eval is None:
-            raise ConfigError("data.eval: is not set, so there is no evaluation data to build")
-        source, split = config.eval, config.eval_split
-    else:
-        raise ValueError(f"which must be 'train' or 'eval', got {which!r}")
-    rows, name = load_rows(source, split)
+    rows, name = load_config_rows(config, which)
     return tokenize_reward_pairs(rows, tokenizer, source=name, max_length=config.max_length,
                                  length_policy=config.length_policy)
 
