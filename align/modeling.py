@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,3 +121,22 @@ def is_peft_model(model) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(model, PeftModel)
+
+
+@contextlib.contextmanager
+def adapter_active(layers, name: str):
+    """Within the block, every PEFT layer in `layers` computes with adapter `name`; restored in `finally`.
+
+    Sets each layer's `_active_adapter` directly, not through PEFT's `set_adapter`: that also rewrites
+    `requires_grad` of the adapters on every call (here: several times per step, while the step's autograd graph is
+    alive), which no caller wants; the switch is all a forward with another adapter needs (the TR-DPO reference
+    adapter, a member of a LoRA reward ensemble).
+    """
+    saved = [(layer, layer._active_adapter) for layer in layers]
+    try:
+        for layer, _ in saved:
+            layer._active_adapter = name
+        yield
+    finally:
+        for layer, active in saved:
+            layer._active_adapter = active

@@ -63,7 +63,7 @@ import torch
 
 from align.errors import AlignError, ConfigError, DataError
 from align.io import atomic_directory
-from align.modeling import LoraSection, ModelConfig, load_tokenizer
+from align.modeling import LoraSection, ModelConfig, adapter_active, load_tokenizer
 from reward_models.aggregate import aggregate, check_aggregation, member_statistics
 from reward_models.aggregate import normalize as normalize_scores
 
@@ -752,14 +752,8 @@ class LoraEnsemble(RewardEnsemble):
     def member_active(self, k: int) -> Iterator[None]:
         """Within the block every PEFT layer computes with adapter `member-k` (restored in `finally`)."""
         self._check_member(k)
-        saved = [(module, module._active_adapter) for module in self._switchable]
-        try:
-            for module, _ in saved:
-                module._active_adapter = member_name(k)
+        with adapter_active(self._switchable, member_name(k)):
             yield
-        finally:
-            for module, active in saved:
-                module._active_adapter = active
 
     def members_parameters(self, k):
         self._check_member(k)

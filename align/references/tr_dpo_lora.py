@@ -71,7 +71,7 @@ import torch
 
 from align.errors import AlignError, ConfigError
 from align.logps import PairLogps, pair_logps
-from align.modeling import is_peft_model
+from align.modeling import adapter_active, is_peft_model
 from align.references.base import Reference
 from align.references.tr_dpo import TRDPOReference
 
@@ -242,21 +242,11 @@ class LoraTRDPOReference(Reference):
 
     @contextlib.contextmanager
     def reference_adapter_active(self):
-        """Within the block, every LoRA layer computes with the reference adapter instead of the policy's.
-
-        Sets each tuner layer's `_active_adapter` directly, not through PEFT's `set_adapter`: that also rewrites
-        `requires_grad` of both adapters on every call (twice per step, while this step's autograd graph is alive),
-        which nothing here wants; the switch is all the reference needs. Restored in `finally`, before any backward
-        (which under activation checkpointing recomputes the policy forward and must see the policy adapter).
-        """
-        saved = [(layer, layer._active_adapter) for layer in self._tuner_layers]
-        try:
-            for layer, _ in saved:
-                layer._active_adapter = REFERENCE_ADAPTER
+        """Within the block, every LoRA layer computes with the reference adapter instead of the policy's
+        (`align.modeling.adapter_active`: no `set_adapter`, so no requires_grad rewrites). Restored before any backward,
+        which under activation checkpointing recomputes the policy forward and must see the policy adapter."""
+        with adapter_active(self._tuner_layers, REFERENCE_ADAPTER):
             yield
-        finally:
-            for layer, active in saved:
-                layer._active_adapter = active
 
     @torch.no_grad()
     def logps(self, policy, batch) -> PairLogps:
