@@ -21,7 +21,7 @@ from align.trainer import PreferenceTrainer, disable_dropout, latest_checkpoint,
 logger = logging.getLogger("align.train")
 
 
-def _init_deepspeed_on_cpu(training: dict) -> None:
+def init_deepspeed_on_cpu(training: dict) -> None:
     """Under torchrun without GPUs, DeepSpeed's own communicator must be started (with gloo) before anything else.
 
     On GPUs accelerate does this; on CPU it brings up plain torch.distributed instead, and `deepspeed.zero.Init`
@@ -46,7 +46,7 @@ def train(config: TrainConfig) -> dict:
     """
     from transformers import set_seed
 
-    _init_deepspeed_on_cpu(config.training)
+    init_deepspeed_on_cpu(config.training)
     # TrainingArguments first: with a ZeRO-3 `deepspeed` config it must exist before any model is loaded, so that
     # `from_pretrained` partitions the weights as it loads them.
     args = training_arguments(training_arguments_kwargs(config.training), seed=config.seed)

@@ -53,10 +53,10 @@ def train_reward_model(config: RMConfig) -> dict:
     from transformers import set_seed
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from align.train import _init_deepspeed_on_cpu
+    from align.train import init_deepspeed_on_cpu
 
     start = time.time()
-    _init_deepspeed_on_cpu(config.training)
+    init_deepspeed_on_cpu(config.training)
     args = rm_training_arguments(config.training, seed=config.seed)
     if is_deepspeed_zero3_enabled():
         # The ensemble is evaluated, normalised and saved from its full weights after training; ZeRO-3 leaves them
