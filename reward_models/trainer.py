@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
+from align.trainer import activation_checkpointing
 from reward_models.aggregate import aggregate, normalize
 from reward_models.data import RewardCollator
 from reward_models.loss import bradley_terry_loss, pairwise_accuracy
@@ -212,7 +213,7 @@ class RewardTrainer(Trainer):
                          compute_metrics=self._compute_metrics, callbacks=callbacks)
         # The loss is a mean over pairs, not a sum over tokens: let the Trainer divide by accumulation steps.
         self.model_accepts_loss_kwargs = False
-        if self.args.activation_checkpointing and not hasattr(model, "activation_checkpointing_enable"):
+        if activation_checkpointing(self.args)[0] and not hasattr(model, "activation_checkpointing_enable"):
             self._enable_activation_checkpointing(model)
         # Running [sum, count] per metric over the logging window (a short last batch weighs what it holds).
         self._train_metrics = defaultdict(lambda: [0.0, 0])
@@ -225,12 +226,14 @@ class RewardTrainer(Trainer):
         it is done."""
         from align.errors import ConfigError
 
-        kwargs = dict(self.args.activation_checkpointing_kwargs or {})
+        kwargs = activation_checkpointing(self.args)[1]
         if kwargs.pop("every_n_layers", 1) != 1 or kwargs.pop("offload", False):
             raise ConfigError("training.activation_checkpointing_kwargs: every_n_layers and offload are not "
                               "supported for reward ensembles")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or {"use_reentrant": False})
-        self.args.activation_checkpointing = False  # the Trainer's own call would fail on the extra keywords
+        # the Trainer's own call would fail on the extra keywords (transformers 5.19 names it gradient_checkpointing)
+        setattr(self.args, "activation_checkpointing" if hasattr(self.args, "activation_checkpointing")
+                else "gradient_checkpointing", False)
 
     # --- loss ---------------------------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from align.config import (TrainConfig, load_train_config, objective_params, reference_section,
+from align.config import (TrainConfig, installed_training_key, load_train_config, objective_params, reference_section,
                           training_arguments_kwargs)
 from align.logps import PairLogps
 from align.objectives import OBJECTIVES, Objective, build_objective
@@ -39,7 +39,7 @@ def test_recipe_loads_and_builds(path):
     for key, value in config.training.items():
         if key in ("report_to", "gradient_checkpointing", "lr_scheduler_type", "eval_strategy", "save_strategy"):
             continue  # normalised by TrainingArguments (lists, enums, deprecated aliases)
-        assert getattr(args, key) == value, key
+        assert getattr(args, installed_training_key(key)) == value, key  # renamed keys are translated, not refused
     assert args.remove_unused_columns is False
     if not torch.cuda.is_available():
         assert args.bf16 is False  # bf16 is emulated on CPU; chosen by the hardware unless a recipe says otherwise

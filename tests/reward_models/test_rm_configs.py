@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from align import toy_world
-from align.config import training_arguments_kwargs
+from align.config import installed_training_key, training_arguments_kwargs
 from reward_models.aggregate import AGGREGATIONS
 from reward_models.config import ENSEMBLE_KINDS, RMConfig, load_rm_config
 from reward_models.ensemble import ENSEMBLE_KINDS as BUILT_KINDS
@@ -39,7 +39,7 @@ def test_recipe_loads_and_builds(path):
     for key, value in config.training.items():
         if key in ("report_to", "lr_scheduler_type", "eval_strategy", "save_strategy"):
             continue  # normalised by TrainingArguments (lists, enums)
-        assert getattr(args, key) == value, key
+        assert getattr(args, installed_training_key(key)) == value, key  # renamed keys are translated
     for key, value in RM_TRAINING_DEFAULTS.items():
         if key not in config.training:
             assert getattr(args, key) == value, key
