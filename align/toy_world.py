@@ -161,10 +161,14 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                     num_kv_heads: int = 2, intermediate_size: int | None = None, max_positions: int = 256,
+def build_tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 2,
+                     num_kv_heads: int = 1, intermediate_size: int | None = None, max_positions: int = 256,
                      seed: int = 0):
-    """A randomly initialised `LlamaForCausalLM` sized for CPU tests (≈0.1M parameters by default)."""
+    """A randomly initialised `LlamaForCausalLM` sized for CPU tests (≈0.1M parameters by default).
+
+    The default head_dim is 32 (64 / 2 heads; one key/value head): the smallest that vLLM's CPU attention has a
+    kernel for (16 has none), so the same toy model runs under both rollout backends.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

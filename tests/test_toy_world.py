@@ -220,7 +220,8 @@ def test_saved_model_loads_with_expected_config(tiny_model_dir, toy_tokenizer):
     assert isinstance(model, LlamaForCausalLM)
     c = model.config
     assert (c.vocab_size, c.hidden_size, c.intermediate_size) == (70, 64, 256)
-    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (2, 4, 2)
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (2, 2, 1)
+    assert c.hidden_size // c.num_attention_heads == 32  # a head_dim vLLM's CPU attention has a kernel for
     assert c.max_position_embeddings == 256
     assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (2, 3, 0)
     assert c.tie_word_embeddings

@@ -112,7 +112,7 @@ def test_each_kind_trains_saves_and_reloads(kind, tmp_path, tiny_model_dir, toy_
     recipe = _recipe(tiny_model_dir, toy_rm_data, out, ensemble={"kind": kind}, loss={"label_noise": 0.1},
                      aggregation={"method": "uwo", "lam": 0.5, "normalize": kind == "multi_head"},
                      training={"max_steps": 12, "lr_scheduler_type": "constant", "warmup_steps": 0,
-                               "learning_rate": 1e-2 if kind == "lora" else 3e-3})
+                               "learning_rate": 3e-3})
     config = load_rm_config(None, base=recipe)
     summary = train_reward_model(config)
 
