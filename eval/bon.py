@@ -58,6 +58,7 @@ import torch
 from align.errors import AlignError, ConfigError, DataError
 from align.modeling import ModelConfig
 from align.rollout.base import SamplingParams
+from align.rollout.config import RolloutConfig
 from eval.best_of_n import bon_ns, expected_best_of_n, expected_best_of_n_by
 from eval.kl import bon_kl_bound, bon_kl_estimate
 
@@ -105,14 +106,6 @@ def _default_sampling() -> SamplingParams:
 
 
 @dataclass
-class BonRollout:
-    """Which rollout backend samples the N responses (`align.rollout.build_rollout`)."""
-
-    backend: str = field(default="hf", metadata={
-        "help": "hf (transformers generate, batched; the CPU default) or vllm (align[vllm], CUDA GPU; faster)."})
-
-
-@dataclass
 class BonConfig:
     """An offline best-of-n study (`align bon --config configs/bon/X.yaml [dotted.key=value ...]`)."""
 
@@ -135,7 +128,8 @@ class BonConfig:
     max_length: int | None = field(default=None, metadata={
         "help": "Scoring: keep the last max_length tokens of longer prompt+response rows (None: no truncation)."})
     progress: bool = field(default=True, metadata={"help": "Progress bars for sampling and scoring."})
-    rollout: BonRollout = field(default_factory=BonRollout, metadata={"help": "Sampling backend (see BonRollout)."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={
+        "help": "Sampling backend and its engine options (align.rollout.RolloutConfig)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace the outputs of a finished run in output_dir."})
 
 
@@ -327,6 +321,11 @@ def run_bon(config: BonConfig) -> dict[str, Any]:
                          f"output_dir or set overwrite=true to replace them")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: '{out}' is a file, not a directory")
+    if config.rollout.backend == "vllm":               # no vLLM, an unknown engine option, a shape it cannot run
+        from align.rollout.vllm import check_can_run
+
+        check_can_run(config.model.name_or_path, engine_kwargs=config.rollout.engine_kwargs,
+                      enable_sleep_mode=config.rollout.enable_sleep_mode)
     prompts = load_prompts(config.prompts)
     ensemble = RewardEnsemble.load(config.ensemble)   # before sampling: a bad ensemble fails in seconds
     for spec in specs:                                 # e.g. wco/uwo with a 1-member ensemble
@@ -340,7 +339,7 @@ def run_bon(config: BonConfig) -> dict[str, Any]:
     if config.rollout.backend == "vllm":  # vLLM builds its own engine from the checkpoint: no HF copy in memory
         model = None
         rollout = build_rollout("vllm", config.model.name_or_path, tokenizer, seed=config.seed,
-                                progress=config.progress)
+                                progress=config.progress, **config.rollout.backend_options())
     else:
         model = load_causal_lm(config.model)
         if torch.cuda.is_available():

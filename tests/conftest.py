@@ -42,6 +42,24 @@ def tiny_model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
 
 
+#: vLLM engine options for the tiny fp32 Llama: eager (starts in seconds), a fixed 64 MiB KV cache (on CPU a memory
+#: fraction would depend on what the test process already holds), fp32 so it agrees with the fp32 trainer.
+VLLM_TEST_OPTIONS = dict(dtype="float32", enforce_eager=True, max_model_len=256, seed=0,
+                         engine_kwargs={"kv_cache_memory_bytes": 64 << 20})
+
+
+@pytest.fixture(scope="session")
+def vllm_rollout(tiny_model_dir):
+    """One `VLLMRollout` engine on the tiny Llama for the session (tests marked `vllm`). A test that loads other
+    weights into it loads `tiny_model_dir`'s back before it ends."""
+    from transformers import AutoTokenizer
+
+    from align.rollout import build_rollout
+
+    return build_rollout("vllm", str(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir),
+                         **VLLM_TEST_OPTIONS)
+
+
 @pytest.fixture(scope="session")
 def toy_preference_rows():
     """64 prompt/chosen/rejected rows from the toy grammar, ordered by the gold reward."""

@@ -1,9 +1,10 @@
 """Rollouts: sample completions from a policy behind one interface (`RolloutBackend`).
 
-Backends (config key `rollout.backend`): `hf` (transformers `generate`, batched with KV cache: the CPU default) and
-`vllm` (vLLM's offline engine on a CUDA GPU: `pip install 'align[vllm]'`; vLLM is imported only when this backend is
-built). Both take the same `SamplingParams` and return the same `Completion`s; `logprob_gap` reports how far the
-sampler's log-probs are from the trainer's on the sampled tokens.
+Backends (config key `rollout.backend`, section `RolloutConfig`): `hf` (transformers `generate`, batched with KV
+cache; works everywhere) and `vllm` (vLLM's offline engine, on a GPU or on vLLM's CPU build; vLLM is imported only
+when this backend is built). Both take the same `SamplingParams` and return the same `Completion`s; `load_weights`
+makes either sample from a policy's current weights; `logprob_gap` reports how far the sampler's log-probs are from
+the trainer's on the sampled tokens.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import os
 
 from align.errors import ConfigError
 from align.rollout.base import Completion, RolloutBackend, SamplingParams, prompt_token_ids
+from align.rollout.config import RolloutConfig
 from align.rollout.health import logprob_gap
 from align.rollout.hf import HFRollout
 
-__all__ = ["BACKENDS", "Completion", "RolloutBackend", "SamplingParams", "HFRollout", "build_rollout",
-           "logprob_gap", "prompt_token_ids"]
+__all__ = ["BACKENDS", "Completion", "RolloutBackend", "RolloutConfig", "SamplingParams", "HFRollout",
+           "build_rollout", "logprob_gap", "prompt_token_ids"]
 
 #: `rollout.backend` values.
 BACKENDS = ("hf", "vllm")
@@ -42,9 +44,9 @@ def build_rollout(backend: str, model_or_path, tokenizer, **options) -> RolloutB
             path with `AutoModelForCausalLM`; `vllm` builds its engine from the path (a model's `name_or_path`)
             and then loads the model's in-memory weights.
         tokenizer: the data pipeline's tokenizer; both backends tokenize prompts with it.
-        options: the backend's keyword options (`hf`: batch_size, progress; `vllm`: dtype, seed,
-            gpu_memory_utilization, enable_prefix_caching, progress and other `vllm.LLM` arguments). An option the
-            backend does not take is a `ConfigError` naming `rollout.<option>`.
+        options: the backend's keyword options (`hf`: batch_size, progress; `vllm`: seed, progress and the engine
+            options of `RolloutConfig.backend_options()`). An option the backend does not take is a `ConfigError`
+            naming `rollout.<option>`.
     """
     cls = _backend_class(backend)
     params = inspect.signature(cls.__init__).parameters

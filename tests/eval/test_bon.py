@@ -134,9 +134,8 @@ def test_missing_ensemble(world, tmp_path):
 def test_rollout_backend_is_chosen_in_config(world, tmp_path, monkeypatch):
     # An unknown backend, and vllm where it cannot run (not installed, or no GPU): one error naming the key, with
     # what to do, before anything is written.
-    config = load_bon_config(None, base=raw(world, output_dir=str(tmp_path / "o")), overrides=["rollout.backend=tgi"])
-    with pytest.raises(ConfigError, match=r"^rollout\.backend: unknown backend 'tgi'"):
-        run_bon(config)
+    with pytest.raises(ConfigError, match=r"rollout\.backend: must be one of \['hf', 'vllm'\], got 'tgi'"):
+        load_bon_config(None, base=raw(world, output_dir=str(tmp_path / "o")), overrides=["rollout.backend=tgi"])
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError even where vllm is installed
     config = load_bon_config(None, base=raw(world, output_dir=str(tmp_path / "o")), overrides=["rollout.backend=vllm"])
     with pytest.raises(ConfigError, match=r"^rollout\.backend: vllm is not installed; pip install 'align\[vllm\]'"):
@@ -182,3 +181,43 @@ def test_shipped_bon_recipes_validate(path):
     config = load_bon_config(path)
     assert config.num_samples >= 2 and config.sampling.temperature == 1.0
     assert {a["method"] for a in config.aggregations} == {"mean", "wco", "uwo"}
+
+
+# --- align bon with rollout.backend=vllm (vLLM's CPU build in CI) -------------------------------------------------
+
+VLLM_ROLLOUT = {"backend": "vllm", "dtype": "float32", "enforce_eager": True, "max_model_len": 256,
+                "engine_kwargs": {"kv_cache_memory_bytes": 64 << 20}}
+
+
+def _gold_and_log_eps(out):
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return (torch.tensor([s["gold"] for s in samples], dtype=torch.float64),
+            torch.tensor([s["log_eps"] for s in samples], dtype=torch.float64), samples)
+
+
+@pytest.mark.vllm
+def test_cli_with_the_vllm_backend_gives_the_hf_study(world, tmp_path, capsys):
+    import yaml
+
+    from align.cli import main
+
+    # The same study (16 prompts x 32 samples of the untrained base) with each backend, the vLLM one as a user runs it.
+    changes = dict(prompts={"toy_world": 16, "seed": 5}, num_samples=32, sampling={"max_new_tokens": 12})
+    run_bon(load_bon_config(None, base=raw(world, output_dir=str(tmp_path / "hf"), **changes)))
+    config = tmp_path / "bon.yaml"
+    config.write_text(yaml.safe_dump(raw(world, output_dir=str(tmp_path / "vllm"), rollout=VLLM_ROLLOUT, **changes)))
+    assert main(["bon", "--config", str(config)]) == 0
+    assert "wco proxy" in capsys.readouterr().out
+
+    hf, vllm = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("hf", "vllm"))
+    assert set(hf) == set(vllm) and [set(r) for r in hf["rows"]] == [set(r) for r in vllm["rows"]]
+    assert [(r["aggregation"], r["n"]) for r in hf["rows"]] == [(r["aggregation"], r["n"]) for r in vllm["rows"]]
+    for name in ("per_prompt.csv", "gold_vs_kl.png", "proxy_vs_kl.png"):
+        assert (tmp_path / "vllm" / name).stat().st_size > 0
+    gold_hf, log_eps_hf, samples_hf = _gold_and_log_eps(tmp_path / "hf")
+    gold_vllm, log_eps_vllm, samples_vllm = _gold_and_log_eps(tmp_path / "vllm")
+    assert [set(s) for s in samples_hf] == [set(s) for s in samples_vllm] and len(samples_vllm) == 16 * 32
+    assert samples_hf != samples_vllm  # different samplers, different draws ...
+    for a, b in [(gold_hf, gold_vllm), (log_eps_hf, log_eps_vllm)]:  # ... from the same distribution
+        standard_error = math.sqrt(a.var() / len(a) + b.var() / len(b))
+        assert abs(float(a.mean() - b.mean())) < 4 * standard_error, (float(a.mean()), float(b.mean()))

@@ -1,30 +1,19 @@
-"""Which rollout backends can run here, for tests parametrised over backends."""
-
-import importlib.util
+"""The rollout backends, for tests parametrised over backends."""
 
 import pytest
 import torch
 
-
-def vllm_skip_reason() -> str | None:
-    """None when the vLLM backend can run here, else why it cannot."""
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install 'align[vllm]', CUDA only)"
-    if not torch.cuda.is_available():
-        return "vllm needs a CUDA GPU and none is visible"
-    return None
-
-
-#: `pytest.param`s over every backend: hf always runs, vllm is reported skipped with its reason where it cannot.
+#: `pytest.param`s over every backend. The vllm one carries the `vllm` marker: it runs in the environment with vLLM
+#: (`make test` runs both environments) and is deselected, not skipped, in the one without.
 BACKEND_PARAMS = [
     pytest.param("hf", id="hf"),
-    pytest.param("vllm", id="vllm", marks=pytest.mark.skipif(vllm_skip_reason() is not None,
-                                                             reason=str(vllm_skip_reason()))),
+    pytest.param("vllm", id="vllm", marks=pytest.mark.vllm),
 ]
 
 
-def build_backend(name, tiny_model_dir, tokenizer):
-    """A backend on the tiny Llama, fp32 both ways so it can be compared with the fp32 trainer."""
+def build_backend(request, name, tiny_model_dir, tokenizer):
+    """A backend on the tiny Llama, fp32 both ways so it can be compared with the fp32 trainer. vLLM's is the
+    session's engine (`vllm_rollout` in tests/conftest.py): an engine start costs seconds and holds its KV cache."""
     from transformers import AutoModelForCausalLM
 
     from align.rollout import build_rollout
@@ -32,5 +21,4 @@ def build_backend(name, tiny_model_dir, tokenizer):
     if name == "hf":
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         return build_rollout("hf", model, tokenizer, batch_size=8)
-    return build_rollout("vllm", str(tiny_model_dir), tokenizer, dtype="float32", gpu_memory_utilization=0.2,
-                         max_model_len=256, enforce_eager=True, seed=0)
+    return request.getfixturevalue("vllm_rollout")

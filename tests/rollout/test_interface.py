@@ -25,7 +25,7 @@ def _ids(result):
 
 @pytest.fixture(params=BACKEND_PARAMS)
 def backend(request, tiny_model_dir, tokenizer):
-    return build_backend(request.param, tiny_model_dir, tokenizer)
+    return build_backend(request, request.param, tiny_model_dir, tokenizer)
 
 
 def test_backend_honours_the_interface(backend, tokenizer, tiny_model):

@@ -1,0 +1,59 @@
+"""The `rollout:` section of a recipe: which backend samples, and the vLLM engine's options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from align.errors import ConfigError
+
+#: The fields of `RolloutConfig` that are vLLM engine options (passed to `VLLMRollout`; ignored by `hf`).
+VLLM_ENGINE_FIELDS = ("dtype", "gpu_memory_utilization", "enforce_eager", "max_model_len", "tensor_parallel_size",
+                      "enable_prefix_caching", "enable_sleep_mode", "engine_kwargs")
+
+
+@dataclass
+class RolloutConfig:
+    """How completions are sampled (`align.rollout.build_rollout`). The engine options apply to `backend: vllm`."""
+
+    backend: Literal["hf", "vllm"] = field(default="hf", metadata={
+        "help": "hf (transformers generate, batched with a KV cache; works everywhere) or vllm (vLLM's offline "
+                "engine: `pip install 'align[vllm]'` on GPU, vLLM's CPU build on CPU; README 'Installing')."})
+    dtype: str = field(default="auto", metadata={
+        "help": "vllm: the engine's dtype: auto (the checkpoint's), float32, bfloat16 or float16. float32 makes the "
+                "sampler's log-probs agree with an fp32 trainer's to ~1e-5."})
+    gpu_memory_utilization: float | None = field(default=None, metadata={
+        "help": "vllm: fraction of memory the engine reserves for weights and KV cache: of the GPU's, or on CPU of "
+                "the memory node's (there it sizes the KV cache). null: 0.5 on a GPU (room for a colocated "
+                "trainer), 0.2 on CPU."})
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "vllm: run eagerly, without CUDA graphs or torch.compile: starts in seconds instead of compiling "
+                "(about 3 s instead of 21 s for a tiny model on CPU), decodes more slowly on a GPU."})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "vllm: longest prompt + completion the engine serves (null: the model's maximum). Smaller values "
+                "leave more room for the KV cache."})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "vllm: GPUs one engine is sharded over. Above 1 with weight sync (on-policy training), use "
+                "engine_kwargs: {distributed_executor_backend: external_launcher} under torchrun."})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "vllm: reuse the KV of shared prompt prefixes (the n samples of a prompt share one)."})
+    enable_sleep_mode: bool = field(default=False, metadata={
+        "help": "vllm, GPU only: free the engine's GPU memory between samplings (sleep level 1 after each "
+                "generate; woken for the next weight sync in vLLM's documented order: weights, reload, KV cache)."})
+    engine_kwargs: dict = field(default_factory=dict, metadata={
+        "help": "vllm: any other vllm.EngineArgs field (checked against the installed vLLM), e.g. "
+                "{swap_space: 4}."})
+
+    def __post_init__(self):
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len: must be >= 1 or null, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size: must be >= 1, got {self.tensor_parallel_size}")
+
+    def backend_options(self) -> dict:
+        """The keyword options `build_rollout` passes to this backend (the engine options for vllm, none for hf)."""
+        if self.backend != "vllm":
+            return {}
+        return {name: getattr(self, name) for name in VLLM_ENGINE_FIELDS}
