@@ -136,10 +136,23 @@ def completions_from_outputs(outputs, tokenizer, eos_token_id: int) -> list[list
     return result
 
 
+#: Engine arguments `VLLMRollout` sets itself, and what to do instead of passing them in `engine_kwargs`.
+_SET_BY_ALIGN = {
+    **{key: f"set rollout.{key} instead" for key in ("dtype", "seed", "gpu_memory_utilization", "enforce_eager",
+                                                     "max_model_len", "tensor_parallel_size", "enable_prefix_caching",
+                                                     "enable_sleep_mode")},
+    **{key: "set by align (the model and tokenizer come from model.name_or_path)" for key in ("model", "tokenizer")},
+    "logprobs_mode": "align needs processed_logprobs (temperature-applied log-probs, as the trainer computes them)",
+    "generation_config": "align needs 'vllm' (no sampling defaults or stop tokens from the checkpoint)",
+}
+
+
 def check_engine_options(vllm, options: dict) -> None:
     """Every key of `options` must be a `vllm.EngineArgs` field: a `ConfigError` naming `rollout.<key>` otherwise."""
     known = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
     for key in options:
+        if key in _SET_BY_ALIGN:
+            raise ConfigError(f"rollout.engine_kwargs.{key}: {_SET_BY_ALIGN[key]}")
         if key not in known:
             raise ConfigError(f"rollout.{key}: not an option of vLLM {vllm.__version__}'s engine (vllm.EngineArgs); "
                               f"see https://docs.vllm.ai/en/latest/configuration/engine_args.html")

@@ -324,6 +324,10 @@ def test_bad_engine_input_is_one_config_error_before_the_engine_starts(tmp_path,
 
     with pytest.raises(ConfigError, match=r"^rollout\.swap_spaec: not an option of vLLM .*engine \(vllm\.EngineArgs\)"):
         build_rollout("vllm", str(tiny_model_dir), tokenizer, engine_kwargs={"swap_spaec": 4})
+    with pytest.raises(ConfigError, match=r"^rollout\.engine_kwargs\.max_model_len: set rollout\.max_model_len instead"):
+        build_rollout("vllm", str(tiny_model_dir), tokenizer, engine_kwargs={"max_model_len": 64})
+    with pytest.raises(ConfigError, match=r"^rollout\.engine_kwargs\.logprobs_mode: align needs processed_logprobs"):
+        build_rollout("vllm", str(tiny_model_dir), tokenizer, engine_kwargs={"logprobs_mode": "raw_logprobs"})
     with pytest.raises(ConfigError, match=r"^rollout\.enforce_eagre: not an option of rollout\.backend 'vllm'"):
         build_rollout("vllm", str(tiny_model_dir), tokenizer, enforce_eagre=True)
     with pytest.raises(ConfigError, match=r"^rollout\.enable_sleep_mode: sleep mode frees GPU memory"):
