@@ -418,6 +418,57 @@ def _tokenize_batched(tokenizer, texts: list[str], add_special_tokens: bool) -> 
     return ids
 
 
+def finish_prompt_ids(ids: list[int], tokenizer, *, source: str = "<prompts>", row: int | None = None) -> list[int]:
+    """A tokenized prompt as training sees it (module docstring, "Tokens"): a doubled leading BOS collapsed to one,
+    an empty prompt replaced by BOS (a `DataError` naming `source`/`row` when the tokenizer has none)."""
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+        ids = ids[1:]
+    if not ids:
+        if bos is None:
+            raise DataError(source, row, "prompt", "tokenizes to no tokens and the tokenizer has no BOS token "
+                                                   "to stand in for it")
+        ids = [bos]
+    return list(ids)
+
+
+def tokenize_prompts(tokenizer, prompts: list, *, source: str = "<prompts>") -> list[list[int]]:
+    """The token ids a prompt is trained on and sampled after: the one home of prompt tokenization.
+
+    Each prompt is one of:
+    - text: tokenized with the tokenizer's special tokens (`add_special_tokens=True`), as preference rows are;
+    - a message list `[{"role": ..., "content": ...}, ...]`: rendered with the chat template and the generation
+      prompt (`add_generation_prompt=True`), then tokenized without special tokens (the template writes them);
+    - token ids (a list of ints): taken as they are, so ids from the data pipeline are never decoded and re-tokenized.
+
+    Text and templated prompts then go through `finish_prompt_ids` (doubled BOS collapsed, empty → BOS).
+    Returns one list of ids per prompt.
+    """
+    out: list[list[int] | None] = [None] * len(prompts)
+    text_rows, chat_rows = [], []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            text_rows.append(i)
+        elif is_messages(prompt):
+            chat_rows.append(i)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            out[i] = list(prompt)
+        else:
+            raise DataError(source, i + 1, "prompt", f"expected text, a message list or token ids, got "
+                                                     f"{type(prompt).__name__}")
+    chat = []
+    if chat_rows:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(source, chat_rows[0] + 1, "prompt", "is a message list but the tokenizer has no chat "
+                                                                "template")
+        chat = [tokenizer.apply_chat_template(prompts[i], tokenize=False, add_generation_prompt=True)
+                for i in chat_rows]
+    for rows, texts, special in ((text_rows, [prompts[i] for i in text_rows], True), (chat_rows, chat, False)):
+        for i, ids in zip(rows, _tokenize_batched(tokenizer, texts, add_special_tokens=special)):
+            out[i] = finish_prompt_ids(ids, tokenizer, source=source, row=i + 1)
+    return out
+
+
 def _render(rows: list[dict], fmt: PreferenceFormat, tokenizer, source: str) -> list[dict]:
     """Conversations → text with the tokenizer's chat template, as TRL renders them; text rows pass through."""
     from trl.data_utils import maybe_apply_chat_template
@@ -464,18 +515,12 @@ def tokenize_preference_rows(rows, tokenizer, *, source: str = "<rows>", max_len
     prompts = _tokenize_batched(tokenizer, [t["prompt"] for t in texts], add_special_tokens=not fmt.conversational)
     chosens = _tokenize_batched(tokenizer, [t["chosen"] for t in texts], add_special_tokens=False)
     rejecteds = _tokenize_batched(tokenizer, [t["rejected"] for t in texts], add_special_tokens=False)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
 
     report = LengthReport(source=source, rows=len(texts), kept=0)
     kept_p, kept_c, kept_r = [], [], []
     for row, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds, strict=True), start=1):
-        if bos is not None and len(p) >= 2 and p[0] == p[1] == bos:
-            p = p[1:]
-        if not p:
-            if bos is None:
-                raise DataError(source, row, "prompt", "tokenizes to no tokens and the tokenizer has no BOS token "
-                                                       "to stand in for it")
-            p = [bos]
+        p = finish_prompt_ids(p, tokenizer, source=source, row=row)
         if eos is not None:
             if not c or c[-1] != eos:
                 c = c + [eos]

@@ -382,3 +382,23 @@ def test_eval_without_eval_source(toy_tokenizer):
         build_preference_dataset(DataConfig(train="a.jsonl"), toy_tokenizer, "eval")
     with pytest.raises(ConfigError, match=r"data\.length_policy"):
         tokenize([GOOD_TEXT], toy_tokenizer, length_policy="cut")
+
+
+def test_prompts_are_tokenized_for_sampling_exactly_as_for_training(toy_tokenizer):
+    # align.data.tokenize_prompts is the one home of prompt tokenization: rollouts sample after the very ids the
+    # preference pipeline trains on (text, BOS-prefixed text, and chat-templated message lists alike).
+    from align.data import tokenize_prompts
+
+    rows = [{"prompt": "describe the movie .", "chosen": "it was great .", "rejected": "it was bad ."},
+            {"prompt": "<bos> review the song .", "chosen": "it was fun .", "rejected": "it was dull ."}]
+    chat_rows = [{"prompt": [{"role": "system", "content": "be fun"}, *USER], "chosen": GREAT, "rejected": BAD}]
+    trained = [item["prompt_input_ids"] for item in tokenize(rows, toy_tokenizer)[0]]
+    trained_chat = [item["prompt_input_ids"] for item in tokenize(chat_rows, toy_tokenizer)[0]]
+    sampled = tokenize_prompts(toy_tokenizer, [r["prompt"] for r in rows] + [chat_rows[0]["prompt"]])
+    assert sampled == trained + trained_chat
+    assert sampled[1].count(toy_tokenizer.bos_token_id) == 1  # the doubled BOS is collapsed, as in training
+    assert toy_tokenizer.bos_token_id not in sampled[2]  # the template's own special tokens only
+    assert tokenize_prompts(toy_tokenizer, [trained[0], ""]) == [trained[0], [toy_tokenizer.bos_token_id]]
+    with pytest.raises(DataError, match=r"<prompts>: row 2: field 'prompt': expected text, a message list or token "
+                                        r"ids, got dict"):
+        tokenize_prompts(toy_tokenizer, ["fine", {"role": "user"}])

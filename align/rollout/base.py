@@ -41,15 +41,22 @@ class Completion:
 
 class RolloutBackend(abc.ABC):
     @abc.abstractmethod
-    def generate(self, prompts: list[str], n: int = 1, sampling: SamplingParams | None = None
+    def generate(self, prompts: list, n: int = 1, sampling: SamplingParams | None = None
                  ) -> list[list[Completion]]:
-        """`n` completions for each prompt: result[i][j] is the j-th completion of prompts[i]."""
+        """`n` completions for each prompt: result[i][j] is the j-th completion of prompts[i].
+
+        A prompt is text, a message list or token ids (`prompt_token_ids`); completions come back as token ids and
+        their decoded text, so nothing needs to be re-tokenized."""
 
     @abc.abstractmethod
     def load_weights(self, model) -> None:
         """Makes the backend sample from `model`'s current weights (on-policy training)."""
 
 
-def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """The ids every backend samples after: the data pipeline's tokenization of text prompts (BOS added)."""
-    return [list(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]]
+def prompt_token_ids(tokenizer, prompts: list) -> list[list[int]]:
+    """The ids every backend samples after: the data pipeline's own prompt tokenization (`align.data.tokenize_prompts`:
+    text with the tokenizer's special tokens, message lists through the chat template, token ids as they are;
+    a doubled BOS collapsed), so a policy is trained on exactly the ids it sampled after."""
+    from align.data import tokenize_prompts
+
+    return tokenize_prompts(tokenizer, list(prompts))

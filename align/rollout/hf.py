@@ -11,8 +11,8 @@ from align.rollout.base import Completion, RolloutBackend, SamplingParams, promp
 class HFRollout(RolloutBackend):
     """Samples with `model.generate` in left-padded batches of `batch_size` sequences.
 
-    Prompts are tokenized as the preference data pipeline tokenizes text prompts (`add_special_tokens=True`), so
-    sampled pairs train on exactly the contexts they were sampled from. Per-token log-probs are recomputed with one
+    Prompts (text, message lists or token ids) are tokenized by the data pipeline's own prompt tokenization
+    (`prompt_token_ids`), so sampled completions train on exactly the contexts they were sampled from. Per-token log-probs are recomputed with one
     teacher-forced pass instead of keeping generate's `[batch, T, vocab]` scores.
     """
 
@@ -24,7 +24,7 @@ class HFRollout(RolloutBackend):
         self.model = model
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], n: int = 1, sampling: SamplingParams | None = None
+    def generate(self, prompts: list, n: int = 1, sampling: SamplingParams | None = None
                  ) -> list[list[Completion]]:
         sampling = sampling or SamplingParams()
         tok, model = self.tokenizer, self.model

@@ -20,9 +20,9 @@ with a `ConfigError`. What it relies on, all documented offline API:
 
 Same contract as `HFRollout`:
 
-- **Contexts.** Prompts are tokenized here with align's tokenizer (`add_special_tokens=True`, the data pipeline's
-  tokenization) and handed to vLLM as token ids, so both backends sample after identical ids; `text` is decoded
-  here with the same tokenizer (`skip_special_tokens=True`), vLLM's detokenizer is switched off.
+- **Contexts.** Prompts (text, message lists or token ids) are tokenized here by the data pipeline's own prompt
+  tokenization (`prompt_token_ids`) and handed to vLLM as token ids, so both backends sample after identical ids;
+  `text` is decoded here with the same tokenizer (`skip_special_tokens=True`), vLLM's detokenizer is switched off.
 - **Sampling.** `temperature=0` is greedy; `top_k=0` and `top_p=1` disable truncation; `seed` seeds each prompt's
   request with a seed derived from it and the prompt's index (`request_seed`: one shared seed would replay the same
   draws in every prompt); the n samples of a prompt are one request with `n=n`, so they are distinct draws and
@@ -288,7 +288,7 @@ class VLLMRollout(RolloutBackend):
             self.asleep = False
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
 
-    def generate(self, prompts: list[str], n: int = 1, sampling: SamplingParams | None = None
+    def generate(self, prompts: list, n: int = 1, sampling: SamplingParams | None = None
                  ) -> list[list[Completion]]:
         sampling = sampling or SamplingParams()
         if self.asleep:

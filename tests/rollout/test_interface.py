@@ -57,6 +57,17 @@ def test_backend_seeding_and_greedy(backend, tokenizer):
     assert all(g[0].token_ids == g[1].token_ids for g in greedy)
 
 
+def test_backend_takes_text_message_and_token_id_prompts(backend, tokenizer):
+    # Token ids go in as they are (never decoded and re-tokenized); message lists through the chat template.
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+    ids = prompt_token_ids(tokenizer, PROMPTS)
+    assert _ids(backend.generate(ids, sampling=greedy)) == _ids(backend.generate(PROMPTS, sampling=greedy))
+    messages = [[{"role": "user", "content": p}] for p in PROMPTS]
+    chat_ids = prompt_token_ids(tokenizer, messages)
+    assert chat_ids != ids and all(tokenizer.bos_token_id not in p for p in chat_ids)
+    assert _ids(backend.generate(messages, sampling=greedy)) == _ids(backend.generate(chat_ids, sampling=greedy))
+
+
 # --- build_rollout -----------------------------------------------------------------------------------------------
 
 def test_build_rollout_hf_from_a_model_or_a_path(tiny_model, tiny_model_dir, tokenizer):
