@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from align.errors import ConfigError
+from align.registry import Registry
 
 __all__ = [
     "DIVERGENCES",
@@ -70,8 +71,12 @@ __all__ = [
 
 LOG2 = math.log(2.0)
 
+def _normalise(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
 #: name or alias -> Divergence subclass (aliases map to the same class).
-DIVERGENCES: dict[str, type["Divergence"]] = {}
+DIVERGENCES = Registry("divergence", normalise=_normalise)
 
 # Divergences that are f-divergences but do not admit the f-DPO closed form: name -> reason.
 _INADMISSIBLE: dict[str, str] = {}
@@ -172,17 +177,9 @@ def register_divergence(name: str, *aliases: str):
         if not (isinstance(cls, type) and issubclass(cls, Divergence)):
             raise TypeError(f"register_divergence expects a Divergence subclass, got {cls!r}")
         cls.name = name
-        for key in (name, *aliases):
-            if key in DIVERGENCES and DIVERGENCES[key] is not cls:
-                raise ValueError(f"divergence name {key!r} is already registered to {DIVERGENCES[key].__name__}")
-            DIVERGENCES[key] = cls
-        return cls
+        return DIVERGENCES.register(name, *aliases)(cls)
 
     return deco
-
-
-def _normalise(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
 
 
 def get_divergence(name: str | Divergence, **params: Any) -> Divergence:
@@ -202,9 +199,7 @@ def get_divergence(name: str | Divergence, **params: Any) -> Divergence:
     key = _normalise(name)
     if key in _INADMISSIBLE:
         raise ConfigError(f"divergence {name!r}: {_INADMISSIBLE[key]}")
-    if key not in DIVERGENCES:
-        raise ConfigError(f"unknown divergence {name!r}; known divergences: {', '.join(sorted(DIVERGENCES))}")
-    cls = DIVERGENCES[key]
+    cls = DIVERGENCES.lookup(name)
     unknown = sorted(set(params) - set(cls.PARAMS))
     if unknown:
         accepted = ", ".join(cls.PARAMS) if cls.PARAMS else "none"

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"sync {entry['sync_s'] * 1e3:.0f} ms" if "vllm" in entry else ""), flush=True)
             del backends, model
 
-    print(f"\n| model | parameters | HF tokens/s | vLLM tokens/s | vLLM / HF | weight sync |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| model | parameters | HF tokens/s | vLLM tokens/s | vLLM / HF | weight sync |\n|---|---:|---:|---:|---:|---:|")
     for size, e in results["models"].items():
         spread = lambda v: f" (±{100 * v['spread']:.0f}%)"  # noqa: E731
         vllm_cols = (f"{e['vllm']['tokens_per_s']:.0f}{spread(e['vllm'])} | {e['vllm_x_hf']:.2f}x | "

@@ -34,11 +34,12 @@ from typing import Any
 import torch
 
 from align.errors import AlignError, ConfigError
+from align.registry import Registry
 
 #: name -> aggregation function `fn(scores[B, K], **params) -> [B]`. Parameters are the function's keyword-only
 #: arguments (their defaults are the defaults); `fn.min_members` is the smallest K it accepts and `fn.check_params`
 #: an optional validator `(params, num_members) -> None`.
-AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+AGGREGATIONS = Registry("aggregation")
 
 
 def register_aggregation(name: str, *, min_members: int = 1,
@@ -51,12 +52,9 @@ def register_aggregation(name: str, *, min_members: int = 1,
     """
 
     def decorator(fn):
-        if name in AGGREGATIONS:
-            raise ValueError(f"aggregation '{name}' is already registered")
         fn.min_members = min_members
         fn.check_params = check
-        AGGREGATIONS[name] = fn
-        return fn
+        return AGGREGATIONS.register(name)(fn)
 
     return decorator
 
@@ -108,9 +106,7 @@ def aggregate(scores: torch.Tensor, method: str, **params) -> torch.Tensor:
 
 
 def _lookup(method: str):
-    if method not in AGGREGATIONS:
-        raise ConfigError(f"aggregation.method: unknown '{method}'; known: {', '.join(AGGREGATIONS)}")
-    return AGGREGATIONS[method]
+    return AGGREGATIONS.lookup(method, "aggregation.method")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,12 +23,13 @@ from typing import Any, ClassVar
 import torch
 
 from align.errors import ConfigError
+from align.registry import Registry
 from align.logps import PairLogps
 
 __all__ = ["OBJECTIVES", "Objective", "register_objective", "get_objective", "build_objective", "check_number"]
 
 #: name or alias -> Objective subclass.
-OBJECTIVES: dict[str, type["Objective"]] = {}
+OBJECTIVES = Registry("objective", normalise=lambda name: name.strip().lower().replace("-", "_"))
 
 
 def check_number(
@@ -123,11 +124,7 @@ def register_objective(cls_or_name: Any = None, *aliases: str):
             raise ValueError(f"{cls.__name__} has no name")
         if not dataclasses.is_dataclass(cls.Params):
             raise TypeError(f"{cls.__name__}.Params must be a dataclass")
-        for key in (cls.name, *cls.aliases):
-            if key in OBJECTIVES and OBJECTIVES[key] is not cls:
-                raise ValueError(f"objective name {key!r} is already registered to {OBJECTIVES[key].__name__}")
-            OBJECTIVES[key] = cls
-        return cls
+        return OBJECTIVES.register(cls.name, *cls.aliases)(cls)
 
     if isinstance(cls_or_name, type):
         return deco(cls_or_name, None, ())
@@ -165,10 +162,7 @@ def build_objective(section: Mapping[str, Any], *, seed: int = 0) -> Objective:
 def _build(name: Any, seed: int, params: dict[str, Any]) -> Objective:
     if not isinstance(name, str):
         raise ConfigError(f"objective name must be a string, got {type(name).__name__}: {name!r}")
-    key = name.strip().lower().replace("-", "_")
-    if key not in OBJECTIVES:
-        raise ConfigError(f"unknown objective {name!r}; known objectives: {', '.join(sorted(OBJECTIVES))}")
-    cls = OBJECTIVES[key]
+    cls = OBJECTIVES.lookup(name)
     accepted = [f.name for f in dataclasses.fields(cls.Params)]
     for p in params:
         if p not in accepted:

@@ -6,18 +6,18 @@ import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from align.errors import ConfigError
 from align.logps import PairLogps
 from align.modeling import ModelConfig, is_peft_model
+from align.registry import Registry
 
-REFERENCES: dict[str, type["Reference"]] = {}
+#: kind -> Reference subclass (`reference.kind`; `auto` is resolved by `resolve_kind`).
+REFERENCES = Registry("kind")
 
 
 def register_reference(kind: str):
     def decorator(cls):
         cls.kind = kind
-        REFERENCES[kind] = cls
-        return cls
+        return REFERENCES.register(kind)(cls)
 
     return decorator
 
@@ -74,11 +74,10 @@ class Reference(abc.ABC):
 
 def reference_params(kind: str, params: dict[str, Any]):
     """Validates `params` for reference `kind`; errors name the key (`reference.<key>`)."""
-    if kind not in REFERENCES:
-        raise ConfigError(f"reference.kind: unknown kind '{kind}'; known: auto, {', '.join(sorted(REFERENCES))}")
+    cls = REFERENCES.lookup(kind, "reference.kind", also_known=["auto"])
     from align.config import from_dict  # the shared validator: value types and __post_init__ errors as dotted keys
 
-    return from_dict(REFERENCES[kind].Params, params, "reference.", owner=f"reference kind '{kind}'")
+    return from_dict(cls.Params, params, "reference.", owner=f"reference kind '{kind}'")
 
 
 def resolve_kind(kind: str, policy) -> str:

@@ -113,11 +113,9 @@ class PrecomputedReference(Reference):
             if kind == "auto":
                 if of:
                     raise ConfigError(f"reference.of.{next(iter(of))}: kind 'auto' takes no parameters")
-            elif kind not in REFERENCES:
-                raise ConfigError(f"reference.of.kind: unknown kind '{kind}'; known: auto, "
-                                  f"{', '.join(sorted(set(REFERENCES) - set(_REFUSED)))}")
             else:
-                from_dict(REFERENCES[kind].Params, of, "reference.of.", owner=f"reference kind '{kind}'")
+                cls = REFERENCES.lookup(kind, "reference.of.kind", also_known=["auto"])
+                from_dict(cls.Params, of, "reference.of.", owner=f"reference kind '{kind}'")
 
     def __init__(self, params, *, policy, model_config):
         super().__init__(params, policy=policy, model_config=model_config)

@@ -13,26 +13,29 @@ import inspect
 import os
 
 from align.errors import ConfigError
+from align.registry import Registry
 from align.rollout.base import Completion, RolloutBackend, SamplingParams, prompt_token_ids
 from align.rollout.config import RolloutConfig
 from align.rollout.health import logprob_gap
 from align.rollout.hf import HFRollout
 
-__all__ = ["BACKENDS", "Completion", "RolloutBackend", "RolloutConfig", "SamplingParams", "HFRollout",
+__all__ = ["BACKENDS", "ROLLOUT_BACKENDS", "Completion", "RolloutBackend", "RolloutConfig", "SamplingParams", "HFRollout",
            "build_rollout", "logprob_gap", "prompt_token_ids"]
 
+#: `rollout.backend` → a function returning the backend's class (imported on demand: vllm only when asked for).
+ROLLOUT_BACKENDS = Registry("backend")
+ROLLOUT_BACKENDS.register("hf")(lambda: HFRollout)
+
+
+@ROLLOUT_BACKENDS.register("vllm")
+def _vllm_backend():
+    from align.rollout.vllm import VLLMRollout  # a module without top-level vllm import; vllm itself is lazy
+
+    return VLLMRollout
+
+
 #: `rollout.backend` values.
-BACKENDS = ("hf", "vllm")
-
-
-def _backend_class(backend: str):
-    if backend == "hf":
-        return HFRollout
-    if backend == "vllm":
-        from align.rollout.vllm import VLLMRollout  # a module without top-level vllm import; vllm itself is lazy
-
-        return VLLMRollout
-    raise ConfigError(f"rollout.backend: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+BACKENDS = tuple(ROLLOUT_BACKENDS)
 
 
 def build_rollout(backend: str, model_or_path, tokenizer, **options) -> RolloutBackend:
@@ -48,7 +51,7 @@ def build_rollout(backend: str, model_or_path, tokenizer, **options) -> RolloutB
             options of `RolloutConfig.backend_options()`). An option the backend does not take is a `ConfigError`
             naming `rollout.<option>`.
     """
-    cls = _backend_class(backend)
+    cls = ROLLOUT_BACKENDS.lookup(backend, "rollout.backend")()
     params = inspect.signature(cls.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if not takes_any:

@@ -99,7 +99,7 @@ def test_differentiable_and_dtype_preserved():
 
 
 @pytest.mark.parametrize("method, params, k, match", [
-    ("median", {}, 3, r"aggregation.method: unknown 'median'; known: mean, wco, uwo"),
+    ("median", {}, 3, r"aggregation.method: unknown aggregation 'median'; known: mean, uwo, wco"),
     ("wco", {}, 1, r"aggregation.method: 'wco' needs at least 2 ensemble members, got 1"),
     ("uwo", {}, 1, r"aggregation.method: 'uwo' needs at least 2 ensemble members, got 1"),
     ("uwo", {"lam": -0.1}, 3, r"aggregation.lam: must be >= 0"),
@@ -143,8 +143,8 @@ def test_register_aggregation():
         assert aggregate(FIVE, "test_max_minus", offset=2.0).item() == 3.0
         with pytest.raises(ConfigError, match="needs at least 2"):
             aggregate(FIVE[:, :1], "test_max_minus")
-        with pytest.raises(ValueError, match="already registered"):
-            register_aggregation("test_max_minus")(max_minus)
+        with pytest.raises(ValueError, match="already registered"):  # another function under a taken name
+            register_aggregation("test_max_minus")(lambda scores: scores.min(dim=-1).values)
     finally:
         del AGGREGATIONS["test_max_minus"]
 

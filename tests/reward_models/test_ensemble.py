@@ -126,7 +126,7 @@ def test_single_member(model_config):
     (("multi_head", 2), {"seeds": [5, 5]}, r"seeds: must be distinct"),
     (("multi_head", 2), {"seeds": [1, 2.5]}, r"seeds: must be integers"),
     (("seeds", 2), {"seeds": [1, 2], "lora": LoraSection()}, r"lora: LoRA settings are for kind 'lora' only"),
-    (("seeds", 2), {"seeds": [1, 2], "aggregation": {"method": "max"}}, r"aggregation.method: unknown 'max'"),
+    (("seeds", 2), {"seeds": [1, 2], "aggregation": {"method": "max"}}, r"aggregation.method: unknown aggregation 'max'"),
     (("seeds", 2), {"seeds": [1, 2], "aggregation": {"lam": 1}}, r"aggregation: must be a mapping with a 'method'"),
     (("seeds", 2), {"seeds": [1, 2], "aggregation": {"method": "uwo", "lam": -1}}, r"aggregation.lam: must be >= 0"),
 ])

@@ -80,7 +80,7 @@ def test_build_rollout_hf_from_a_model_or_a_path(tiny_model, tiny_model_dir, tok
 
 
 def test_build_rollout_unknown_backend_names_the_config_key(tiny_model, tokenizer):
-    with pytest.raises(ConfigError, match=r"rollout\.backend: unknown backend 'sglang'; choose one of hf, vllm"):
+    with pytest.raises(ConfigError, match=r"rollout\.backend: unknown backend 'sglang'; known: hf, vllm"):
         build_rollout("sglang", tiny_model, tokenizer)
 
 
