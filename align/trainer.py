@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import re
-from collections import defaultdict
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from align.logps import PairLogps, SharedPromptCollator, pair_logps
+from align.metric_window import MetricWindow
 
 logger = logging.getLogger("align.trainer")
 
@@ -114,7 +114,7 @@ class PreferenceTrainer(Trainer):
         self.add_callback(_ReferenceStepHook(self))
         # Running [sum, count] per metric and mode: logged values are per-pair means over the logging window (a
         # short last batch does not get the weight of a full one).
-        self._metrics = {"train": defaultdict(lambda: [0.0, 0]), "eval": defaultdict(lambda: [0.0, 0])}
+        self._metrics = {"train": MetricWindow(), "eval": MetricWindow()}
 
     # --- loss ---------------------------------------------------------------------------------------------------
 
@@ -147,18 +147,12 @@ class PreferenceTrainer(Trainer):
             "length/chosen": policy.chosen_mask.sum(-1).float(),
             "length/rejected": policy.rejected_mask.sum(-1).float(),
         }
-        for key, value in per_example.items():
-            value = self.accelerator.gather(value.detach().float().reshape(-1))
-            total = self._metrics[mode][key]
-            total[0] += value.sum().item()
-            total[1] += value.numel()
+        self._metrics[mode].add(per_example, gather=self.accelerator.gather)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        for key, (total, count) in self._metrics[mode].items():
-            logs[prefix + key] = total / count
-        self._metrics[mode].clear()
+        logs.update(self._metrics[mode].flush(prefix))
         if mode == "train":
             logs.update(self.reference.metrics())
         super().log(logs, start_time)

@@ -31,13 +31,12 @@ p_i = σ(A(r_w) − A(r_l)). Pairwise accuracy counts r_w > r_l as 1, a tie as �
 from __future__ import annotations
 
 import logging
-import math
-from collections import defaultdict
 
 import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
+from align.metric_window import MetricWindow
 from align.trainer import activation_checkpointing
 from reward_models.aggregate import aggregate, normalize
 from reward_models.data import RewardCollator
@@ -216,7 +215,7 @@ class RewardTrainer(Trainer):
         if activation_checkpointing(self.args)[0] and not hasattr(model, "activation_checkpointing_enable"):
             self._enable_activation_checkpointing(model)
         # Running [sum, count] per metric over the logging window (a short last batch weighs what it holds).
-        self._train_metrics = defaultdict(lambda: [0.0, 0])
+        self._train_metrics = MetricWindow()
 
     def _enable_activation_checkpointing(self, model) -> None:
         """transformers >= 5 enables checkpointing through `activation_checkpointing_enable(kwargs, every_n_layers,
@@ -286,17 +285,11 @@ class RewardTrainer(Trainer):
             per_pair[f"margin/{name}"] = metrics["margin"][:, k]
         if self.num_members > 1:
             per_pair["accuracy/ensemble"] = metrics["ensemble_accuracy"]
-        for key, value in per_pair.items():
-            value = self.accelerator.gather(value.detach().float().reshape(-1).contiguous())
-            total = self._train_metrics[key]
-            total[0] += value.sum().item()
-            total[1] += value.numel()
+        self._train_metrics.add(per_pair, gather=self.accelerator.gather)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs (the ones with the running loss) carry the window's averages; evaluation logs already hold
         # `compute_metrics`' values.
         if "loss" in logs and self._train_metrics:
-            for key, (total, count) in self._train_metrics.items():
-                logs[key] = total / count if count else math.nan
-            self._train_metrics.clear()
+            logs.update(self._train_metrics.flush())
         super().log(logs, start_time)
