@@ -76,6 +76,13 @@ def gold_rewards(responses: list[str]) -> list[float]:
     return [gold_reward(r) for r in responses]
 
 
+def gold_reward_function():
+    """The gold reward as an `align.rewards.RewardFunction` (named `toy_world`; prompts are not needed)."""
+    from align.rewards import CallableReward
+
+    return CallableReward(lambda prompts, completions: gold_rewards(completions), name="toy_world")
+
+
 def num_words(response: str) -> int:
     return sum(1 for w in response.split() if not (w.startswith("<") and w.endswith(">")))
 

@@ -1,0 +1,96 @@
+"""The reward interface of the core: what on-policy training and studies optimise, whatever computes it.
+
+A `RewardFunction` scores B (prompt, completion) pairs and returns every member's score and the aggregate that is
+optimised (`RewardScores`). The core knows rewards only through this interface; implementations:
+
+- `CallableReward`: any Python function `fn(prompts, completions) -> [B] or [B, K]` (a user's `module:function`,
+  loaded with `load_callable_reward`), validated on every call;
+- `align.toy_world.gold_reward_function()`: the toy world's gold reward;
+- `reward_models.reward.EnsembleReward`: a reward-model ensemble under mean / wco / uwo (built on the core; only the
+  recipe layer wires it in, so nothing in `align/` imports `reward_models/`).
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from align.errors import AlignError, ConfigError
+
+
+@dataclass
+class RewardScores:
+    """Rewards of B completions.
+
+    Attributes:
+        members: `[B, K]` fp32, each member's score (K = 1 for a single scorer).
+        reward: `[B]` fp32, the aggregate that is optimised.
+    """
+
+    members: torch.Tensor
+    reward: torch.Tensor
+
+
+class RewardFunction(abc.ABC):
+    """Scores completions. `name` names it in errors and logs; `member_names` names the K columns of `members`."""
+
+    name: str = "reward"
+    member_names: list[str] = ["reward"]
+
+    @abc.abstractmethod
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> RewardScores:
+        """Rewards of `completions[i]` as an answer to `prompts[i]` (B of each)."""
+
+
+class CallableReward(RewardFunction):
+    """A plain function as a `RewardFunction`. Its output is checked on every call: B finite numbers (or `[B, K]`
+    with K members, aggregated by their mean); anything else is an `AlignError` naming the function."""
+
+    def __init__(self, fn: Callable, name: str | None = None):
+        self.fn = fn
+        self.name = name or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+        self.member_names = [self.name]
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> RewardScores:
+        if len(prompts) != len(completions):
+            raise AlignError(f"reward {self.name}: {len(prompts)} prompts but {len(completions)} completions")
+        try:
+            out = torch.as_tensor(self.fn(list(prompts), list(completions)), dtype=torch.float32).cpu()
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise AlignError(f"reward {self.name}: returned something that is not numbers ({e})") from None
+        B = len(completions)
+        if out.dim() == 1 and out.shape[0] == B:
+            out = out[:, None]
+        if out.dim() != 2 or out.shape[0] != B or out.shape[1] < 1:
+            raise AlignError(f"reward {self.name}: returned shape {tuple(out.shape)} for {B} completions; expected "
+                             f"[{B}] or [{B}, K]")
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).any(dim=1).nonzero()[0])
+            raise AlignError(f"reward {self.name}: returned a non-finite reward ({out[bad].tolist()}) for completion "
+                             f"{bad} ({completions[bad]!r})")
+        if out.shape[1] != len(self.member_names):
+            self.member_names = [f"{self.name}[{k}]" for k in range(out.shape[1])] if out.shape[1] > 1 else [self.name]
+        return RewardScores(members=out, reward=out.mean(dim=1))
+
+
+def load_callable_reward(spec: str, key: str = "reward.callable") -> CallableReward:
+    """`"package.module:function"` → a `CallableReward`; a `ConfigError` naming `key` when it cannot be imported."""
+    module_name, sep, attr = str(spec).partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{key}: expected 'module:function', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{key}: cannot import module {module_name!r} ({e})") from None
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ConfigError(f"{key}: module {module_name!r} has no {attr!r}")
+    if not callable(fn):
+        raise ConfigError(f"{key}: {spec!r} is not callable")
+    return CallableReward(fn, name=spec)
