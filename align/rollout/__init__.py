@@ -19,8 +19,8 @@ from align.rollout.config import RolloutConfig
 from align.rollout.health import logprob_gap
 from align.rollout.hf import HFRollout
 
-__all__ = ["BACKENDS", "ROLLOUT_BACKENDS", "Completion", "RolloutBackend", "RolloutConfig", "SamplingParams", "HFRollout",
-           "build_rollout", "logprob_gap", "prompt_token_ids"]
+__all__ = ["BACKENDS", "ROLLOUT_BACKENDS", "Completion", "RolloutBackend", "RolloutConfig", "SamplingParams",
+           "HFRollout", "build_rollout", "logprob_gap", "prompt_token_ids"]
 
 #: `rollout.backend` → a function returning the backend's class (imported on demand: vllm only when asked for).
 ROLLOUT_BACKENDS = Registry("backend")
