@@ -64,6 +64,7 @@ __all__ = [
     "ForwardKL",
     "JensenShannon",
     "AlphaDivergence",
+    "TotalVariation",
     "register_divergence",
     "get_divergence",
     "exp_cap",
@@ -182,7 +183,7 @@ def register_divergence(name: str, *aliases: str):
     return deco
 
 
-def get_divergence(name: str | Divergence, **params: Any) -> Divergence:
+def get_divergence(name: str | Divergence, *, require_closed_form: bool = True, **params: Any) -> Divergence:
     """Build a divergence from its name (or alias) and parameters; a `Divergence` instance is returned as is.
 
     Raises `ConfigError` for an unknown name (listing the known ones), for TV / χ² (no closed form), for an
@@ -197,7 +198,8 @@ def get_divergence(name: str | Divergence, **params: Any) -> Divergence:
     if not isinstance(name, str):
         raise ConfigError(f"divergence must be a name (string), got {type(name).__name__}: {name!r}")
     key = _normalise(name)
-    if key in _INADMISSIBLE:
+    # f-DPO (the default) needs the closed form; f-DPG only needs f′, so it may take TV (registered for it).
+    if key in _INADMISSIBLE and (require_closed_form or key not in DIVERGENCES):
         raise ConfigError(f"divergence {name!r}: {_INADMISSIBLE[key]}")
     cls = DIVERGENCES.lookup(name)
     unknown = sorted(set(params) - set(cls.PARAMS))
@@ -258,6 +260,23 @@ class JensenShannon(Divergence):
 
     def score_from_log(self, log_u: torch.Tensor, *, input_dtype: torch.dtype | None = None) -> torch.Tensor:
         return LOG2 + F.logsigmoid(_upcast(log_u))
+
+
+@register_divergence("tv", "total_variation")
+class TotalVariation(Divergence):
+    """Total variation, f(u) = |u − 1|/2, f′(u) = sign(u − 1)/2 = sign(ℓ)/2 (disco/tuners/losses/tv.py).
+
+    For f-DPG only: `get_divergence` refuses it for f-DPO (no closed form) unless `require_closed_form=False`.
+    """
+
+    def f(self, u: torch.Tensor) -> torch.Tensor:
+        return (u - 1).abs() / 2
+
+    def f_prime_at_one(self) -> float:
+        return 0.0
+
+    def score_from_log(self, log_u: torch.Tensor, *, input_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.sign(_upcast(log_u)) / 2
 
 
 @register_divergence("alpha", "alpha_divergence")

@@ -56,7 +56,8 @@ def fdpg_loss(policy_logps: torch.Tensor, target_logps: torch.Tensor, log_z: tor
         target_logps: `[N]` log P(y|x), the unnormalised target (e.g. log a(y|x) + r(y)/β).
         log_z: `[N]` or scalar, the estimate of log Z(x) for each sample's prompt.
         sampler_logps: `[N]` log q(y|x) of the policy that sampled y (the rollout engine's log-probs).
-        divergence: the f-divergence (`align.divergences`); `f_prime_from_log` gives f′ from log(π_θ/p) stably.
+        divergence: the f-divergence (`align.divergences`, any with f′: reverse_kl, forward_kl, js, alpha, and tv via
+            `get_divergence("tv", require_closed_form=False)`); `f_prime_from_log` gives f′ from log(π_θ/p) stably.
         baseline: scalar or `[N]` B, the baseline of the pseudo-reward (0: none).
         max_importance_weight: truncate w = π_θ/q at this value (None: no truncation). Truncation trades the
             gradient's unbiasedness for variance when the sampler lags the policy.

@@ -11,7 +11,7 @@ from align.objectives.fdpg import (LogPartitionTable, MovingBaseline, fdpg_loss,
                                    log_importance_mean)
 
 K = 7
-DIVERGENCES = [("reverse_kl", {}), ("forward_kl", {}), ("js", {}), ("alpha", {"alpha": 0.5})]
+DIVERGENCES = [("reverse_kl", {}), ("forward_kl", {}), ("js", {}), ("alpha", {"alpha": 0.5}), ("tv", {})]
 
 
 def _world(seed=0):
@@ -26,7 +26,7 @@ def _world(seed=0):
 @pytest.mark.parametrize("sampler", ["q", "pi"])
 @pytest.mark.parametrize("baseline", [0.0, 0.7])
 def test_expected_estimator_gradient_is_the_gradient_of_the_divergence(name, params, sampler, baseline):
-    divergence = get_divergence(name, **params)
+    divergence = get_divergence(name, require_closed_form=False, **params)
     theta, log_P, log_q = _world()
     log_Z = torch.logsumexp(log_P, 0)
     p = (log_P - log_Z).exp()
@@ -57,7 +57,7 @@ def test_importance_sampling_estimates_the_partition_function():
 
 @pytest.mark.parametrize("name, params", DIVERGENCES, ids=[d[0] for d in DIVERGENCES])
 def test_at_the_target_the_divergence_is_zero_and_the_pseudo_reward_constant(name, params):
-    divergence = get_divergence(name, **params)
+    divergence = get_divergence(name, require_closed_form=False, **params)
     _, log_P, log_q = _world(2)
     log_Z = torch.logsumexp(log_P, 0)
     log_pi = log_P - log_Z  # pi = p
@@ -115,3 +115,13 @@ def test_baselines():
     torch.testing.assert_close(leave_one_out_baseline(rewards), torch.tensor([[4.0, 3.5, 1.5], [1.5, 1.5, 0.0]]))
     with pytest.raises(ValueError, match="at least 2 samples"):
         leave_one_out_baseline(torch.zeros(3, 1))
+
+
+def test_tv_is_for_f_dpg_only():
+    from align.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="total variation does not admit the f-DPO closed form"):
+        get_divergence("tv")  # f-DPO's default
+    assert get_divergence("tv", require_closed_form=False).name == "tv"
+    with pytest.raises(ConfigError, match="chi-squared"):  # not registered for either
+        get_divergence("chi2", require_closed_form=False)
