@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from align.errors import ConfigError
-from align.registry import Registry
+from align.registry import Registry, normalise_name
 
 __all__ = [
     "DIVERGENCES",
@@ -72,12 +72,8 @@ __all__ = [
 
 LOG2 = math.log(2.0)
 
-def _normalise(name: str) -> str:
-    return name.strip().lower().replace("-", "_")
-
-
 #: name or alias -> Divergence subclass (aliases map to the same class).
-DIVERGENCES = Registry("divergence", normalise=_normalise)
+DIVERGENCES = Registry("divergence", normalise=normalise_name)
 
 # Divergences that are f-divergences but do not admit the f-DPO closed form: name -> reason.
 _INADMISSIBLE: dict[str, str] = {}
@@ -197,7 +193,7 @@ def get_divergence(name: str | Divergence, *, require_closed_form: bool = True, 
         return name
     if not isinstance(name, str):
         raise ConfigError(f"divergence must be a name (string), got {type(name).__name__}: {name!r}")
-    key = _normalise(name)
+    key = normalise_name(name)
     # f-DPO (the default) needs the closed form; f-DPG only needs f′, so it may take TV (registered for it).
     if key in _INADMISSIBLE and (require_closed_form or key not in DIVERGENCES):
         raise ConfigError(f"divergence {name!r}: {_INADMISSIBLE[key]}")

@@ -9,6 +9,11 @@ from typing import Any
 from align.errors import ConfigError
 
 
+def normalise_name(name: str) -> str:
+    """A user's spelling of a method name as registered: "Forward-KL " → "forward_kl"."""
+    return name.strip().lower().replace("-", "_")
+
+
 class Registry(dict):
     """name → entry (a class or a function), with aliases.
 

@@ -45,7 +45,8 @@ def training_arguments(section: dict, *, seed: int) -> TrainingArguments:
 
     # Renamed fields (activation_checkpointing in the newest transformers, gradient_checkpointing in 5.19) are passed
     # under the installed release's name, so one recipe runs from transformers 5.16 to the newest.
-    kwargs = {installed_training_key(k) or k: v for k, v in {**ALIGN_TRAINING_DEFAULTS, "seed": seed, **section}.items()}
+    kwargs = {**ALIGN_TRAINING_DEFAULTS, "seed": seed, **section}
+    kwargs = {installed_training_key(key) or key: value for key, value in kwargs.items()}
     if "output_dir" not in kwargs:
         from align.errors import ConfigError
 
@@ -71,9 +72,10 @@ def training_arguments(section: dict, *, seed: int) -> TrainingArguments:
 
 def activation_checkpointing(args: TrainingArguments) -> tuple[bool, dict]:
     """(enabled, kwargs) of activation (gradient) checkpointing, whichever name the installed transformers uses."""
-    if hasattr(args, "activation_checkpointing"):
-        return bool(args.activation_checkpointing), dict(args.activation_checkpointing_kwargs or {})
-    return bool(args.gradient_checkpointing), dict(args.gradient_checkpointing_kwargs or {})
+    from align.config import installed_training_key
+
+    name = installed_training_key("activation_checkpointing")
+    return bool(getattr(args, name)), dict(getattr(args, installed_training_key(name + "_kwargs")) or {})
 
 
 class _ReferenceStepHook(TrainerCallback):

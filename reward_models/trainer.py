@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments
 
+from align.config import installed_training_key
 from align.metric_window import MetricWindow
 from align.trainer import activation_checkpointing
 from reward_models.aggregate import aggregate, normalize
@@ -231,8 +232,7 @@ class RewardTrainer(Trainer):
                               "supported for reward ensembles")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or {"use_reentrant": False})
         # the Trainer's own call would fail on the extra keywords (transformers 5.19 names it gradient_checkpointing)
-        setattr(self.args, "activation_checkpointing" if hasattr(self.args, "activation_checkpointing")
-                else "gradient_checkpointing", False)
+        setattr(self.args, installed_training_key("activation_checkpointing"), False)
 
     # --- loss ---------------------------------------------------------------------------------------------------
 

@@ -23,13 +23,13 @@ from typing import Any, ClassVar
 import torch
 
 from align.errors import ConfigError
-from align.registry import Registry
 from align.logps import PairLogps
+from align.registry import Registry, normalise_name
 
 __all__ = ["OBJECTIVES", "Objective", "register_objective", "get_objective", "build_objective", "check_number"]
 
 #: name or alias -> Objective subclass.
-OBJECTIVES = Registry("objective", normalise=lambda name: name.strip().lower().replace("-", "_"))
+OBJECTIVES = Registry("objective", normalise=normalise_name)
 
 
 def check_number(

@@ -12,8 +12,8 @@ class HFRollout(RolloutBackend):
     """Samples with `model.generate` in left-padded batches of `batch_size` sequences.
 
     Prompts (text, message lists or token ids) are tokenized by the data pipeline's own prompt tokenization
-    (`prompt_token_ids`), so sampled completions train on exactly the contexts they were sampled from. Per-token log-probs are recomputed with one
-    teacher-forced pass instead of keeping generate's `[batch, T, vocab]` scores.
+    (`prompt_token_ids`), so sampled completions train on exactly the contexts they were sampled from. Per-token
+    log-probs are recomputed with one teacher-forced pass instead of keeping generate's `[batch, T, vocab]` scores.
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, progress: bool = False):

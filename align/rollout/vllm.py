@@ -53,6 +53,7 @@ import torch
 
 from align.errors import ConfigError
 from align.rollout.base import Completion, RolloutBackend, SamplingParams, prompt_token_ids
+from align.rollout.config import VLLM_ENGINE_FIELDS
 from align.rollout.weights import iter_policy_weights, unwrap
 
 #: The oldest vLLM this backend supports: workers' `reload_weights` (in-place weight sync) arrived in 0.16.
@@ -138,9 +139,7 @@ def completions_from_outputs(outputs, tokenizer, eos_token_id: int) -> list[list
 
 #: Engine arguments `VLLMRollout` sets itself, and what to do instead of passing them in `engine_kwargs`.
 _SET_BY_ALIGN = {
-    **{key: f"set rollout.{key} instead" for key in ("dtype", "seed", "gpu_memory_utilization", "enforce_eager",
-                                                     "max_model_len", "tensor_parallel_size", "enable_prefix_caching",
-                                                     "enable_sleep_mode")},
+    **{key: f"set rollout.{key} instead" for key in (*VLLM_ENGINE_FIELDS, "seed") if key != "engine_kwargs"},
     **{key: "set by align (the model and tokenizer come from model.name_or_path)" for key in ("model", "tokenizer")},
     "logprobs_mode": "align needs processed_logprobs (temperature-applied log-probs, as the trainer computes them)",
     "generation_config": "align needs 'vllm' (no sampling defaults or stop tokens from the checkpoint)",
