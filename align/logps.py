@@ -38,6 +38,48 @@ class PairLogps:
     def detach(self) -> "PairLogps":
         return PairLogps(self.chosen.detach(), self.chosen_mask, self.rejected.detach(), self.rejected_mask)
 
+    @classmethod
+    def from_blocks(cls, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> "PairLogps":
+        """The two `(logps, mask)` blocks of `completion_token_logps` (chosen first) as a `PairLogps`."""
+        (chosen, chosen_mask), (rejected, rejected_mask) = blocks
+        return cls(chosen, chosen_mask, rejected, rejected_mask)
+
+
+@dataclass
+class GroupLogps:
+    """Token log-probs of G completions of each of B prompts (a pair is G = 2; on-policy training samples G).
+
+    Attributes:
+        logps: `[B, G, T]` fp32, log π(y_t | x, y_<t) at each completion token; 0 where `mask` is False.
+        mask: `[B, G, T]` bool, True on real completion tokens. T is the widest completion block.
+    """
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def from_blocks(cls, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> "GroupLogps":
+        """G `(logps [B, C_k], mask [B, C_k])` blocks (as `completion_token_logps` returns them) → `[B, G, max C_k]`."""
+        T = max(logps.shape[1] for logps, _ in blocks)
+        pad = torch.nn.functional.pad
+        logps = torch.stack([pad(lp, (0, T - lp.shape[1])) for lp, _ in blocks], dim=1)
+        mask = torch.stack([pad(m, (0, T - m.shape[1])) for _, m in blocks], dim=1)
+        return cls(logps, mask)
+
+    def sums(self) -> torch.Tensor:
+        """`[B, G]` sequence log-probs log π(y | x)."""
+        return (self.logps * self.mask).sum(-1)
+
+    def lengths(self) -> torch.Tensor:
+        """`[B, G]` completion lengths in tokens."""
+        return self.mask.sum(-1)
+
+
+def group_completion_keys(num_completions: int) -> tuple[str, ...]:
+    """The example fields of a group of G completions: `completion_0_input_ids`, …, `completion_{G-1}_input_ids`
+    (`SharedPromptCollator(pad, completion_keys=group_completion_keys(G))`)."""
+    return tuple(f"completion_{k}_input_ids" for k in range(num_completions))
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Shared-prompt packing.
@@ -74,6 +116,7 @@ class SharedPromptCollator:
     Returns a batch dict:
         input_ids `[B, L]` long, position_ids `[B, L]` long, segment_ids `[B, L]` long (0 pad, 1 prompt, k+2 block k),
         prompt_width: int P_max, block_widths: list[int] widths C_k of the completion blocks,
+        completion_keys: list[str], the completion keys in block order,
         `{key}_mask` `[B, C_k]` bool: True on the real tokens of block k.
     """
 
@@ -118,7 +161,7 @@ class SharedPromptCollator:
             batch[key.removesuffix("_input_ids") + "_mask"] = mask
             start += width
         batch.update(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids,
-                     prompt_width=P, block_widths=widths)
+                     prompt_width=P, block_widths=widths, completion_keys=list(self.completion_keys))
         return batch
 
 
@@ -200,8 +243,18 @@ _LOGPS_ROWS_PER_CHUNK = 8
 
 def pair_logps(model, batch: dict) -> PairLogps:
     """Policy or reference token log-probs of a preference batch built by `SharedPromptCollator`."""
-    (chosen, chosen_mask), (rejected, rejected_mask) = completion_token_logps(model, batch)
-    return PairLogps(chosen, chosen_mask, rejected, rejected_mask)
+    return PairLogps.from_blocks(completion_token_logps(model, batch))
+
+
+def group_logps(model, batch: dict, temperature: float = 1.0) -> GroupLogps:
+    """Token log-probs of a group batch (`SharedPromptCollator` with `group_completion_keys(G)`): one forward, one
+    prompt copy per row, G completion blocks."""
+    return GroupLogps.from_blocks(completion_token_logps(model, batch, batch_completion_keys(batch), temperature))
+
+
+def batch_completion_keys(batch: dict) -> tuple[str, ...]:
+    """The completion keys of a collated batch, in block order (recorded by `SharedPromptCollator`)."""
+    return tuple(batch["completion_keys"])
 
 
 @torch.no_grad()

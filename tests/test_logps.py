@@ -18,6 +18,8 @@ from align.logps import (
     PairLogps,
     SharedPromptCollator,
     completion_token_logps,
+    group_completion_keys,
+    group_logps,
     pair_logps,
     score_completions,
     shared_prompt_attention_mask,
@@ -209,6 +211,29 @@ def test_pair_logps_equals_separate_forwards(any_model, examples):
     assert logps.chosen.dtype == logps.rejected.dtype == torch.float32
     # The values span a wide range, so a wrong context would show (see the test below).
     assert logps.chosen_sum().min() < -10
+
+
+@pytest.mark.parametrize("G", [1, 3, 5])
+def test_group_logps_equals_separate_forwards(any_model, G):
+    """G completions per prompt (the on-policy layout): each block scores as if alone after its prompt; a pair is
+    the G = 2 case, and `GroupLogps` pads blocks of different widths with masked zeros."""
+    g = torch.Generator().manual_seed(G)
+    keys = group_completion_keys(G)
+    examples = [{"prompt_input_ids": random_ids(p, g), **{k: random_ids(1 + (3 * i + j) % 6, g)
+                                                          for j, k in enumerate(keys)}}
+                for i, p in enumerate((2, 6, 4))]
+    batch = SharedPromptCollator(0, completion_keys=keys)(examples)
+    with torch.no_grad():
+        got = group_logps(any_model, batch)
+        assert got.logps.shape[:2] == got.mask.shape[:2] == (3, G)
+        for i, ex in enumerate(examples):
+            for j, k in enumerate(keys):
+                want = plain_logps(any_model, ex["prompt_input_ids"], ex[k])
+                n = len(ex[k])
+                assert got.lengths()[i, j] == n and not got.mask[i, j, n:].any()
+                torch.testing.assert_close(got.logps[i, j, :n], want, rtol=0, atol=TOL)
+                torch.testing.assert_close(got.sums()[i, j], want.sum(), rtol=0, atol=TOL)
+    assert (got.logps[~got.mask] == 0).all()
 
 
 def test_wrong_mask_would_be_detected(any_model, examples):

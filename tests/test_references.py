@@ -4,7 +4,7 @@ import gc
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.data import tokenize_preference_rows
 from align.errors import ConfigError
@@ -306,3 +306,54 @@ def test_tr_dpo_bad_parameters_name_the_key(tiny_model_dir):
         build_reference("tr_dpo", {"rank": 0}, policy=policy, model_config=config)
     with pytest.raises(ConfigError, match=r"^reference\.rank: only for a LoRA policy"):
         build_reference("tr_dpo", {"rank": 8}, policy=policy, model_config=config)
+
+
+# --------------------------------------------------------------------------------------------- generated completions
+
+
+def test_references_score_groups_of_generated_completions(tiny_model_dir, accelerator):
+    """On-policy training asks every kind for log-probs of G sampled completions per prompt (`group_logps`), and
+    the `best_of_n` target samples from the reference (`sampling_model`): both are the base model for `frozen` and
+    for a trained LoRA policy's `peft_disabled`."""
+    from align.logps import group_completion_keys, group_logps
+    from align.rollout import HFRollout, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    rollout = HFRollout(base, tok)
+    prompts = ["describe the movie .", "review the book ."]
+    samples = rollout.generate(prompts, n=3, sampling=SamplingParams(max_new_tokens=6, seed=0))
+    keys = group_completion_keys(3)
+    prompt_ids = tok(prompts)["input_ids"]
+    batch = SharedPromptCollator(tok.pad_token_id, completion_keys=keys)(
+        [{"prompt_input_ids": p, **{k: c.token_ids for k, c in zip(keys, group)}}
+         for p, group in zip(prompt_ids, samples)])
+    with torch.no_grad():
+        want = group_logps(base, batch)
+    # The sampler's own log-probs of its completions are the same numbers.
+    torch.testing.assert_close(want.sums(), torch.tensor([[float(c.logps.sum()) for c in g] for g in samples]),
+                               rtol=0, atol=1e-4)
+
+    frozen = build_reference("frozen", {}, policy=base, model_config=model_config(tiny_model_dir))
+    frozen.prepare(accelerator)
+    got = frozen.group_logps(None, batch)
+    torch.testing.assert_close(got.logps, want.logps, rtol=0, atol=1e-6)
+    assert got.mask.equal(want.mask)
+    with frozen.sampling_model(None) as model:
+        assert model is frozen.model
+
+    config = lora_config(tiny_model_dir)
+    policy = load_policy(config)
+    reference = build_reference("peft_disabled", {}, policy=policy, model_config=config)
+    reference.prepare(accelerator)
+    pair_batch = SharedPromptCollator(tok.pad_token_id, completion_keys=keys[:2])(
+        [{"prompt_input_ids": p, "completion_0_input_ids": g[0].token_ids, "completion_1_input_ids": g[1].token_ids}
+         for p, g in zip(prompt_ids, samples)])
+    train_steps(policy, {**pair_batch, "chosen_mask": pair_batch["completion_0_mask"],
+                         "rejected_mask": pair_batch["completion_1_mask"],
+                         "completion_keys": ["chosen_input_ids", "rejected_input_ids"]})
+    torch.testing.assert_close(reference.group_logps(policy, batch).logps, want.logps, rtol=0, atol=1e-5)
+    with reference.sampling_model(policy) as model, torch.no_grad():
+        torch.testing.assert_close(group_logps(model, batch).logps, want.logps, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert (group_logps(policy, batch).sums() - want.sums()).abs().max() > 1e-3  # the adapter is back on

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from align.logps import PairLogps
+from align.logps import GroupLogps, PairLogps, batch_completion_keys
+import torch
+
+from align.errors import ConfigError
 from align.modeling import ModelConfig, is_peft_model
 from align.registry import Registry
 
@@ -47,9 +51,33 @@ class Reference(abc.ABC):
         """Called once after `prepare`, with the datasets to be trained and evaluated on (`{"train": ds, "eval": ds
         or None}`): a kind that caches log-probs ahead of training (`precomputed`) does its pass here."""
 
+    #: True for a kind whose model changes during training (TR-DPO): a target that is fitted to the reference once
+    #: (`best_of_n`) refuses it.
+    moves: ClassVar[bool] = False
+
     @abc.abstractmethod
+    def completion_logps(self, policy, batch: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Reference token log-probs of every completion block of a `SharedPromptCollator` batch (no gradient):
+        `[(logps [B, C_k], mask [B, C_k]) for each block k]`, as `align.logps.completion_token_logps` returns them."""
+
     def logps(self, policy, batch: dict) -> PairLogps:
-        """Reference token log-probs of a `SharedPromptCollator` batch (no gradient)."""
+        """Reference token log-probs of a preference-pair batch (no gradient)."""
+        return PairLogps.from_blocks(self.completion_logps(policy, batch))
+
+    def group_logps(self, policy, batch: dict) -> GroupLogps:
+        """Reference token log-probs of a batch of G completions per prompt, e.g. sampled ones (no gradient)."""
+        blocks = self.completion_logps(policy, batch)
+        if len(blocks) != len(batch_completion_keys(batch)):
+            raise ValueError("completion_logps returned another number of blocks than the batch has")
+        return GroupLogps.from_blocks(blocks)
+
+    @contextlib.contextmanager
+    def sampling_model(self, policy):
+        """A module that samples from the reference a(y|x) with `generate` (the `best_of_n` target draws its reward
+        distribution from it once). Kinds that hold no model of their own (`precomputed`) cannot."""
+        raise ConfigError(f"reference.kind: '{self.kind}' cannot sample completions; use frozen, peft_disabled or "
+                          "soup")
+        yield
 
     def on_step_end(self, policy, step: int) -> None:
         """Called after optimizer step `step` (1-based, counts optimizer steps, not micro-batches)."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from align.errors import ConfigError
-from align.logps import PairLogps, pair_logps
+from align.logps import completion_token_logps, batch_completion_keys
 from align.modeling import is_peft_model, load_causal_lm
 from align.references.base import Reference, register_reference
 
@@ -42,8 +42,12 @@ class FrozenReference(Reference):
             self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
 
     @torch.no_grad()
-    def logps(self, policy, batch) -> PairLogps:
-        return pair_logps(self.model, batch)
+    def completion_logps(self, policy, batch):
+        return completion_token_logps(self.model, batch, batch_completion_keys(batch))
+
+    @contextlib.contextmanager
+    def sampling_model(self, policy):
+        yield self.model
 
 
 @register_reference("peft_disabled")
@@ -55,9 +59,17 @@ class PeftDisabledReference(Reference):
         if not is_peft_model(policy):
             raise ConfigError("reference.kind: 'peft_disabled' needs a LoRA policy (set model.lora)")
 
-    @torch.no_grad()
-    def logps(self, policy, batch) -> PairLogps:
+    def _adapter_off(self, policy):
         peft_model = self.accelerator.unwrap_model(policy) if self.accelerator is not None else policy
+        return peft_model.disable_adapter() if is_peft_model(peft_model) else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def completion_logps(self, policy, batch):
         # Run the (possibly DDP/DeepSpeed-wrapped) policy itself so wrappers see a normal forward.
-        with peft_model.disable_adapter() if is_peft_model(peft_model) else contextlib.nullcontext():
-            return pair_logps(policy, batch)
+        with self._adapter_off(policy):
+            return completion_token_logps(policy, batch, batch_completion_keys(batch))
+
+    @contextlib.contextmanager
+    def sampling_model(self, policy):
+        with self._adapter_off(policy):
+            yield self.accelerator.unwrap_model(policy) if self.accelerator is not None else policy

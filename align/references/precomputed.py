@@ -309,6 +309,11 @@ class PrecomputedReference(Reference):
 
     # --- during training --------------------------------------------------------------------------------------
 
+    def completion_logps(self, policy, batch: dict):
+        raise AlignError("reference kind 'precomputed' has log-probs only for the preference pairs it cached before "
+                         "training; on-policy training scores sampled completions: use frozen, peft_disabled, soup "
+                         "or tr_dpo")
+
     def logps(self, policy, batch: dict) -> PairLogps:
         """Cached log-probs shaped as `pair_logps` would return them: `[B, Tc]`, `[B, Tr]` fp32, 0 off the masks."""
         if not self._rows:

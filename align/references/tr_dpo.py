@@ -43,6 +43,8 @@ class TRDPOReference(FrozenReference):
     update count) is part of every checkpoint.
     """
 
+    moves = True
+
     @dataclass
     class Params:
         name_or_path: str | None = field(

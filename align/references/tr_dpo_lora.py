@@ -70,7 +70,7 @@ from typing import Any
 import torch
 
 from align.errors import AlignError, ConfigError
-from align.logps import PairLogps, pair_logps
+from align.logps import batch_completion_keys, completion_token_logps
 from align.modeling import adapter_active, is_peft_model
 from align.references.base import Reference
 from align.references.tr_dpo import TRDPOReference
@@ -123,6 +123,8 @@ class LoraTRDPOReference(Reference):
     Built by `TRDPOReference.build` for PEFT policies (kind `tr_dpo`, same parameters). See the module docstring for
     the update rule, its error and its cost.
     """
+
+    moves = True
 
     kind = "tr_dpo"
     Params = TRDPOReference.Params
@@ -249,10 +251,10 @@ class LoraTRDPOReference(Reference):
             yield
 
     @torch.no_grad()
-    def logps(self, policy, batch) -> PairLogps:
+    def completion_logps(self, policy, batch):
         # The (possibly DDP/DeepSpeed-wrapped) policy's top-level forward, so wrappers see a normal call.
         with self.reference_adapter_active():
-            return pair_logps(policy, batch)
+            return completion_token_logps(policy, batch, batch_completion_keys(batch))
 
     def on_step_end(self, policy, step: int) -> None:
         if step % self.params.tau != 0:
