@@ -76,6 +76,9 @@ class Objective(abc.ABC):
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
+    #: Which trainer and recipe run it: "pairs" (PreferenceTrainer, preference data) or "on_policy"
+    #: (OnPolicyTrainer: prompts, rollouts, a reward and a target; f-DPG).
+    family: ClassVar[str] = "pairs"
     needs_token_logps: ClassVar[bool] = False
 
     @dataclass

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from align.divergences import Divergence
+from align.errors import ConfigError
+from align.objectives.base import Objective, check_number, register_objective
+from align.registry import normalise_name
 
 
 @dataclass
@@ -156,3 +159,117 @@ def leave_one_out_baseline(pseudo_rewards: torch.Tensor) -> torch.Tensor:
         raise ValueError("a leave-one-out baseline needs at least 2 samples per prompt")
     r = pseudo_rewards.detach()
     return (r.sum(dim=-1, keepdim=True) - r) / (G - 1)
+
+
+# --- the registered objective ------------------------------------------------------------------------------------
+
+BASELINES = ("moving", "leave_one_out", "none")
+
+
+@register_objective("fdpg", "f_dpg")
+class FDPG(Objective):
+    """f-DPG (METHODS §5) as a registered objective of the on-policy family: the on-policy trainer samples G
+    completions per prompt, computes target log-probs (`align.targets`) and calls `loss`.
+
+    It holds the state a resumed run needs: the per-prompt log Z table and the moving baseline's window.
+    """
+
+    family = "on_policy"
+
+    @dataclass
+    class Params:
+        divergence: str = field(default="reverse_kl", metadata={
+            "help": "D_f(π‖p) to minimise: reverse_kl (KL-regularised RLHF with the exponential target), forward_kl "
+                    "(DPG), js (disco's default), tv, or alpha (with `alpha`)."})
+        alpha: float = field(default=0.5, metadata={"help": "α of the alpha divergence, in (0, 1)."})
+        baseline: str = field(default="moving", metadata={
+            "help": "moving: mean of the last baseline_window pseudo-rewards (disco); leave_one_out: per prompt, the "
+                    "mean of its other G−1 samples (needs generation.num_samples >= 2); none."})
+        baseline_window: int = field(default=1024, metadata={"help": "Pseudo-rewards the moving baseline averages."})
+        max_importance_weight: float | None = field(default=None, metadata={
+            "help": "Truncate the sequence importance weight π_θ/q at this value (null: no truncation). q is the "
+                    "sampler: it differs from π_θ when vLLM is synced every k > 1 steps or samples in bf16."})
+
+        def __post_init__(self):
+            from align.divergences import get_divergence
+
+            divergence_params = {"alpha": self.alpha} if normalise_name(self.divergence) in ("alpha",
+                                                                                           "alpha_divergence") else {}
+            try:
+                get_divergence(self.divergence, require_closed_form=False, **divergence_params)
+            except ConfigError as e:
+                raise ConfigError(f"divergence: {e}") from None
+            if self.baseline not in BASELINES:
+                raise ConfigError(f"baseline must be one of {', '.join(BASELINES)}, got {self.baseline!r}")
+            check_number("baseline_window", self.baseline_window, ge=1, integer=True)
+            if self.max_importance_weight is not None:
+                check_number("max_importance_weight", self.max_importance_weight, gt=1.0)
+
+    def __init__(self, params=None, *, seed: int = 0):
+        super().__init__(params, seed=seed)
+        from align.divergences import get_divergence
+
+        p = self.params
+        extra = {"alpha": p.alpha} if normalise_name(p.divergence) in ("alpha", "alpha_divergence") else {}
+        self.divergence = get_divergence(p.divergence, require_closed_form=False, **extra)
+        self.log_z = LogPartitionTable()
+        self.moving_baseline = MovingBaseline(p.baseline_window)
+
+    def __call__(self, policy, reference):
+        raise TypeError("fdpg is an on-policy objective: its trainer calls FDPG.loss, not a pair objective's call")
+
+    def update_log_z(self, keys: list[str], target_logps: torch.Tensor, sampler_logps: torch.Tensor) -> None:
+        """Adds the samples of each prompt (`[P, G]` log P and log q; `keys[i]` names prompt i) to the log Z table.
+        Every process must add the same samples (the trainer gathers them), so the tables stay identical."""
+        for key, target, sampler in zip(keys, target_logps, sampler_logps):
+            self.log_z.update(key, target, sampler)
+
+    def loss(self, policy_logps: torch.Tensor, target_logps: torch.Tensor, sampler_logps: torch.Tensor,
+             keys: list[str], gather=lambda t: t) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-sample f-DPG losses `[P, G]` and detached per-sample metrics `{name: [P, G]}`.
+
+        Args:
+            policy_logps: `[P, G]` log π_θ(y|x) with gradient.
+            target_logps: `[P, G]` log P(y|x) (`align.targets`).
+            sampler_logps: `[P, G]` log q(y|x) of the sampler.
+            keys: the P prompts' keys into the log Z table (updated before this call).
+            gather: the cross-process gather; the moving baseline is updated with every process's pseudo-rewards.
+        """
+        log_z = torch.tensor([self.log_z[k] for k in keys], dtype=torch.float64, device=policy_logps.device)[:, None]
+        terms = fdpg_loss(policy_logps, target_logps, log_z, sampler_logps, self.divergence,
+                          max_importance_weight=self.params.max_importance_weight)
+        # B is a baseline of the pseudo-reward R: the loss is w·(f′ + B)·log π_θ = −w·(R − B)·log π_θ.
+        kind = self.params.baseline
+        if kind == "moving":
+            baseline = torch.full_like(terms.pseudo_rewards, self.moving_baseline.value())
+            self.moving_baseline.update(gather(terms.pseudo_rewards.float().contiguous()).cpu())  # after its use
+        elif kind == "leave_one_out":
+            baseline = leave_one_out_baseline(terms.pseudo_rewards)
+        else:
+            baseline = torch.zeros_like(terms.pseudo_rewards)
+        losses = terms.importance_weights * (baseline - terms.pseudo_rewards) * policy_logps.to(baseline.dtype)
+        log_t = terms.log_ratio_to_target
+        metrics = {
+            "fdpg/pseudo_reward": terms.pseudo_rewards.float(),
+            "fdpg/baseline": baseline.float(),
+            "fdpg/log_z": log_z.expand_as(log_t).float(),
+            # D_f(π‖p) = E_p[f(π/p)] = E_π[f(t)/t], t = π/p: a Monte-Carlo estimate from on-policy samples.
+            "fdpg/divergence": _f_over_t(self.divergence, log_t).float(),
+            "fdpg/log_ratio_to_target": log_t.float(),
+            "importance_weight/mean": terms.importance_weights.float(),
+            "importance_weight/truncated": terms.truncated.float(),
+        }
+        return losses, {k: v.detach() for k, v in metrics.items()}
+
+    def state_dict(self):
+        return {"log_z": self.log_z.state_dict(), "moving_baseline": self.moving_baseline.state_dict()}
+
+    def load_state_dict(self, state):
+        self.log_z.load_state_dict(state["log_z"])
+        self.moving_baseline.load_state_dict(state["moving_baseline"])
+
+
+def _f_over_t(divergence: Divergence, log_t: torch.Tensor) -> torch.Tensor:
+    """f(t)/t from log t in fp64 (log t clamped to ±700 so that t stays finite): the integrand of D_f under π."""
+    t = log_t.double().clamp(-700.0, 700.0).exp()
+    return divergence.f(t) / t

@@ -103,7 +103,7 @@ class Reference(abc.ABC):
 def reference_params(kind: str, params: dict[str, Any]):
     """Validates `params` for reference `kind`; errors name the key (`reference.<key>`)."""
     cls = REFERENCES.lookup(kind, "reference.kind", also_known=["auto"])
-    from align.config import from_dict  # the shared validator: value types and __post_init__ errors as dotted keys
+    from align.schema import from_dict  # the shared validator: value types and __post_init__ errors as dotted keys
 
     return from_dict(cls.Params, params, "reference.", owner=f"reference kind '{kind}'")
 

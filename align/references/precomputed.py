@@ -104,7 +104,7 @@ class PrecomputedReference(Reference):
                               "if ALIGN_CACHE_DIR is set, else ~/.cache/align/reference_logps."})
 
         def __post_init__(self):
-            from align.config import from_dict
+            from align.schema import from_dict
 
             of = dict(self.of)
             kind = of.pop("kind", "auto")

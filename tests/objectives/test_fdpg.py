@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from align.divergences import get_divergence
+from align.errors import ConfigError
 from align.objectives.fdpg import (LogPartitionTable, MovingBaseline, fdpg_loss, leave_one_out_baseline,
                                    log_importance_mean)
 
@@ -125,3 +126,50 @@ def test_tv_is_for_f_dpg_only():
     assert get_divergence("tv", require_closed_form=False).name == "tv"
     with pytest.raises(ConfigError, match="chi-squared"):  # not registered for either
         get_divergence("chi2", require_closed_form=False)
+
+
+# --------------------------------------------------------------------------------------------- the objective class
+
+
+def test_fdpg_objective_baselines_and_state():
+    """`FDPG.loss` is `fdpg_loss` with the configured baseline of R: the moving one is used before it is updated with
+    the batch, leave-one-out is per prompt; its log Z table and baseline window round-trip through state_dict."""
+    from align.objectives import FDPG, OBJECTIVES
+
+    assert OBJECTIVES["fdpg"] is FDPG and FDPG.family == "on_policy"
+    g = torch.Generator().manual_seed(0)
+    policy = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    target = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    keys = ["p", "q"]
+    for kind in ("none", "moving", "leave_one_out"):
+        objective = FDPG(FDPG.Params(divergence="js", baseline=kind, baseline_window=4))
+        objective.moving_baseline.update(torch.tensor([0.25]))
+        objective.update_log_z(keys, target, policy)
+        log_z = torch.tensor([[objective.log_z[k]] for k in keys], dtype=torch.float64)
+        theta = policy.clone().requires_grad_()
+        losses, metrics = objective.loss(theta, target, policy, keys)
+        pseudo = -get_divergence("js").f_prime_from_log(policy - target + log_z)
+        want_b = {"none": torch.zeros_like(pseudo), "moving": torch.full_like(pseudo, 0.25),
+                  "leave_one_out": (pseudo.sum(1, keepdim=True) - pseudo) / 2}[kind]
+        torch.testing.assert_close(metrics["fdpg/baseline"].double(), want_b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(losses, (want_b - pseudo) * policy, rtol=0, atol=1e-6)
+        if kind == "moving":  # updated after use, window of 4
+            assert objective.moving_baseline.value() == pytest.approx(float(pseudo.reshape(-1)[-4:].mean()))
+        restored = FDPG(FDPG.Params(divergence="js", baseline=kind, baseline_window=4))
+        restored.load_state_dict(objective.state_dict())
+        assert restored.log_z["p"] == objective.log_z["p"]
+        assert restored.moving_baseline.value() == objective.moving_baseline.value()
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"divergence": "hellinger"}, "objective.divergence: unknown divergence 'hellinger'"),
+    ({"baseline": "mean"}, "objective.baseline must be one of moving, leave_one_out, none"),
+    ({"max_importance_weight": 0.5}, "objective.max_importance_weight must be > 1.0"),
+    ({"divergence": "alpha", "alpha": 1.5}, "objective.divergence: "),
+])
+def test_fdpg_params_errors_name_the_key(params, message):
+    from align.config import objective_params
+
+    with pytest.raises(ConfigError) as e:
+        objective_params({"name": "fdpg", **params})
+    assert str(e.value).startswith(message), str(e.value)
