@@ -21,13 +21,16 @@ import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from align.data import DataConfig
 from align.errors import ConfigError
 from align.modeling import ModelConfig
+from align.prompts import PromptsConfig
+from align.rewards import RewardConfig
+from align.rollout.config import GenerationConfig, RolloutConfig
 from align.schema import _coerce, _type_hints, from_dict  # noqa: F401  (from_dict is re-exported)
 
 
@@ -55,7 +58,9 @@ def load_yaml(text: str):
 
 @dataclass
 class TrainConfig:
-    """A full `align train` recipe."""
+    """A full `align train` recipe for an objective of the pairs family (f-DPO, SamPO): preference data."""
+
+    family: ClassVar[str] = "pairs"
 
     model: ModelConfig = field(metadata={"help": "The policy model (see ModelConfig)."})
     data: DataConfig = field(metadata={"help": "Preference data (see DataConfig)."})
@@ -79,6 +84,60 @@ class TrainConfig:
         default=True, metadata={"help": "Set every dropout probability to 0 (as TRL does): the policy and the "
                                         "reference then score the same tokens the same way at step 0."},
     )
+
+
+@dataclass
+class OnPolicyEvaluation:
+    """The `evaluation:` section of an on-policy recipe: what is measured besides the optimised reward."""
+
+    gold: Literal["toy_world"] | None = field(default=None, metadata={
+        "help": "A gold reward logged every step (`gold_reward`) and measured before and after training, never "
+                "optimised: null or toy_world."})
+    prompts: PromptsConfig | None = field(default=None, metadata={
+        "help": "Held-out prompts sampled before and after training for summary.json (gold_reward_before/after, "
+                "kl_to_reference); null: no before/after measurement."})
+    num_samples: int = field(default=2, metadata={"help": "Completions per held-out prompt."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed of the measurement (the same before and after)."})
+
+    def __post_init__(self):
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples: must be >= 1, got {self.num_samples}")
+
+
+@dataclass
+class OnPolicyTrainConfig:
+    """A full `align train` recipe for an objective of the on_policy family (f-DPG): the policy samples G
+    completions per prompt, a reward scores them, and the policy is fitted to the target built from the reference
+    and the reward. `training.per_device_train_batch_size` counts prompts."""
+
+    family: ClassVar[str] = "on_policy"
+
+    model: ModelConfig = field(metadata={"help": "The policy model (see ModelConfig)."})
+    prompts: PromptsConfig = field(metadata={"help": "Training prompts (see align.prompts.PromptsConfig)."})
+    reward: RewardConfig = field(metadata={"help": "The reward r(y) (see align.rewards.RewardConfig)."})
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "fdpg"}, metadata={
+        "help": "{name: fdpg, divergence: ..., baseline: ...} (align.objectives.fdpg.FDPG.Params)."})
+    target: dict[str, Any] = field(default_factory=lambda: {"kind": "exponential", "beta": 0.1}, metadata={
+        "help": "`kind` of a registered target (exponential, constraint, best_of_n) plus its parameters "
+                "(align/targets.py)."})
+    reference: dict[str, Any] = field(default_factory=lambda: {"kind": "auto"}, metadata={
+        "help": "The target's prior a: `kind` of a registered reference plus its parameters (frozen, "
+                "peft_disabled, soup, tr_dpo; auto as in TrainConfig)."})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={
+        "help": "The sampler: backend hf or vllm and vLLM's engine options (align.rollout.RolloutConfig)."})
+    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={
+        "help": "Samples per prompt, length, temperature, sync_every (align.rollout.config.GenerationConfig)."})
+    evaluation: OnPolicyEvaluation = field(default_factory=OnPolicyEvaluation, metadata={
+        "help": "Gold reward and the before/after measurement (OnPolicyEvaluation)."})
+    training: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "Fields of `transformers.TrainingArguments` (per_device_train_batch_size counts prompts)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the model init, prompt order and sampling."})
+    disable_dropout: bool = field(default=True, metadata={
+        "help": "Set every dropout probability to 0: sampler, policy and reference then score tokens alike."})
+
+
+#: objective family → the recipe's config class (`align.objectives.Objective.family`).
+CONFIG_BY_FAMILY = {"pairs": TrainConfig, "on_policy": OnPolicyTrainConfig}
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
@@ -132,12 +191,49 @@ def apply_override(raw: dict, item: str) -> None:
         node[parts[-1]] = value
 
 
-def validate_train_config(raw: dict) -> TrainConfig:
+def objective_family(raw: dict) -> str:
+    """The family of the recipe's objective (`objective.name`, default fdpo), which picks its config and trainer."""
+    from align.objectives import OBJECTIVES
+
+    section = raw.get("objective") or {}
+    name = section.get("name", "fdpo") if isinstance(section, dict) else "fdpo"
+    return OBJECTIVES.lookup(name, "objective.name").family
+
+
+def validate_train_config(raw: dict) -> TrainConfig | OnPolicyTrainConfig:
+    if objective_family(raw) == "on_policy":
+        return validate_on_policy_config(raw)
     config = from_dict(TrainConfig, raw)
     config.objective = {"name": "fdpo", **config.objective}  # the default objective when only params are given
     objective_params(config.objective)
     reference_section(config.reference)
     training_arguments_kwargs(config.training)
+    return config
+
+
+def validate_on_policy_config(raw: dict) -> OnPolicyTrainConfig:
+    """Validates an on-policy recipe, including the combinations no single section can check."""
+    from align.targets import target_params
+
+    config = from_dict(OnPolicyTrainConfig, raw)
+    _, objective = objective_params(config.objective)
+    target_cls, target = target_params(config.target)
+    kind, _ = reference_section(config.reference)
+    training_arguments_kwargs(config.training)
+    if kind == "precomputed":
+        raise ConfigError("reference.kind: precomputed has log-probs only for fixed pairs; on-policy training scores "
+                          "sampled completions (use frozen, peft_disabled, soup or tr_dpo)")
+    if target_cls.needs_fixed_reference and kind == "tr_dpo":
+        raise ConfigError(f"target.kind: {target_cls.kind} is fitted to the reference once, before training; "
+                          "reference.kind tr_dpo moves during training (use frozen, peft_disabled or soup)")
+    if target_cls.kind == "constraint" and target.epsilon == 0 and objective.divergence in ("reverse_kl", "rkl"):
+        raise ConfigError("objective.divergence: reverse_kl to a constraint target with zeros (target.epsilon 0) is "
+                          "infinite; use forward_kl, js, tv or alpha, or set target.epsilon > 0")
+    if objective.baseline == "leave_one_out" and config.generation.num_samples < 2:
+        raise ConfigError("objective.baseline: leave_one_out needs generation.num_samples >= 2")
+    if config.generation.sync_every > 1 and config.rollout.backend == "hf":
+        raise ConfigError("generation.sync_every: hf samples from the live policy (always in sync); sync_every "
+                          "applies to rollout.backend vllm")
     return config
 
 

@@ -60,7 +60,8 @@ def _sample(model, tokenizer, prompts, n, seed, progress=True):
     return rollout.generate(prompts, n=n, sampling=SamplingParams(max_new_tokens=MAX_NEW_TOKENS, seed=seed))
 
 
-def _sft(base_dir: Path, out_dir: Path, seed: int) -> None:
+def train_toy_sft(base_dir: Path, out_dir: Path, seed: int) -> None:
+    """The quickstart's SFT stage: TRL's SFTTrainer on grammar samples, saved to `out_dir` (tests and studies reuse it)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -114,7 +115,7 @@ def run_quickstart(output_dir: str | Path = "outputs/quickstart", *, seed: int =
         stage("built tiny Llama + word-level tokenizer", t0)
 
         t0 = time.time()
-        _sft(work / "base", work / "sft", seed)
+        train_toy_sft(work / "base", work / "sft", seed)
         stage("SFT", t0)
 
         # Load the SFT model back exactly as a user's Hub model would be loaded.

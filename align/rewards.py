@@ -15,7 +15,7 @@ from __future__ import annotations
 import abc
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -94,3 +94,38 @@ def load_callable_reward(spec: str, key: str = "reward.callable") -> CallableRew
     if not callable(fn):
         raise ConfigError(f"{key}: {spec!r} is not callable")
     return CallableReward(fn, name=spec)
+
+
+#: `reward.kind` values: the toy world's gold reward, a reward-model ensemble, or a user's function. The recipe layer
+#: builds them (`align.train_on_policy.build_reward`); the core only sees `RewardFunction`s.
+REWARD_KINDS = ("toy_world", "ensemble", "callable")
+
+
+@dataclass
+class RewardConfig:
+    """The `reward:` section of an on-policy recipe: what r(y) the target is built from."""
+
+    kind: str = field(metadata={"help": "toy_world (the toy world's gold reward), ensemble (a reward-model ensemble "
+                                        "of `align rm train`) or callable (a `module:function`)."})
+    ensemble: str | None = field(default=None, metadata={
+        "help": "kind ensemble: the ensemble directory (`<output_dir>/ensemble` of `align rm train`)."})
+    aggregation: dict | None = field(default=None, metadata={
+        "help": "kind ensemble: {method: mean | wco | uwo, <params>} (Coste et al.; null: the ensemble's own)."})
+    callable: str | None = field(default=None, metadata={
+        "help": "kind callable: 'package.module:function', called as fn(prompts, completions) -> [B] or [B, K]."})
+    batch_size: int = field(default=64, metadata={"help": "kind ensemble: rows per scoring forward."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "kind ensemble: keep the last max_length tokens of longer prompt + completion rows (null: all)."})
+
+    def __post_init__(self):
+        if self.kind not in REWARD_KINDS:
+            raise ConfigError(f"kind: must be one of {', '.join(REWARD_KINDS)}, got {self.kind!r}")
+        needs = {"ensemble": "ensemble", "callable": "callable"}.get(self.kind)
+        if needs and not getattr(self, needs):
+            raise ConfigError(f"{needs}: required by reward kind '{self.kind}'")
+        for name in ("ensemble", "aggregation", "callable"):
+            if name != needs and getattr(self, name) is not None and not (name == "aggregation"
+                                                                          and self.kind == "ensemble"):
+                raise ConfigError(f"{name}: not an option of reward kind '{self.kind}'")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")

@@ -1,6 +1,7 @@
 """The `align train` recipe: preference data → policy and reference → objective → Trainer → final model.
 
-Reads top to bottom; each component is built by its own module from its config section.
+Reads top to bottom; each component is built by its own module from its config section. An objective of the
+on_policy family (f-DPG) runs `align.train_on_policy` instead (`train` picks by the config's family).
 """
 
 from __future__ import annotations
@@ -38,7 +39,45 @@ def init_deepspeed_on_cpu(training: dict) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def train(config: TrainConfig) -> dict:
+def train(config) -> dict:
+    """Runs the recipe of the config's objective family: `train_pairs` (TrainConfig) or
+    `align.train_on_policy.train_on_policy` (OnPolicyTrainConfig)."""
+    if config.family == "on_policy":
+        from align.train_on_policy import train_on_policy
+
+        return train_on_policy(config)
+    return train_pairs(config)
+
+
+def resume_point(args, output_dir: Path) -> str | None:
+    """The checkpoint `training.resume_from_checkpoint` names: a path, or for `latest` the newest complete one."""
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        # The newest checkpoint marked complete: one cut short by a crash while saving is skipped. With none, the run
+        # starts from step 0, so the same command serves a job's first launch and every relaunch after a preemption
+        # (as Lightning's `ckpt_path="last"` does; transformers' `resume_from_checkpoint=True` would raise).
+        resume = latest_checkpoint(str(output_dir))
+        if resume is None:
+            logger.warning("resume_from_checkpoint: latest: no complete checkpoint in %s; training from the start",
+                           output_dir)
+    if resume:
+        logger.info("resuming from %s", resume)
+    return resume or None
+
+
+def save_final(trainer, output_dir: Path) -> Path:
+    """Writes the trained model and tokenizer to `output_dir/final`, atomically."""
+    final_dir = output_dir / "final"
+    # Every process takes part in saving (ZeRO-3 gathers shards); only the main one writes and renames.
+    if trainer.is_world_process_zero():
+        with atomic_directory(final_dir) as tmp:
+            trainer.save_model(str(tmp))
+    else:
+        trainer.save_model(str(final_dir))  # takes part in the gather; writes nothing on a non-main rank
+    return final_dir
+
+
+def train_pairs(config: TrainConfig) -> dict:
     """Runs one preference-training job and returns its summary (also written to `<output_dir>/train_summary.json`).
 
     Outputs under `training.output_dir`: `checkpoint-*/` (Trainer checkpoints, resumable), `final/` (the trained
@@ -72,26 +111,8 @@ def train(config: TrainConfig) -> dict:
     output_dir = Path(args.output_dir)
     if trainer.is_world_process_zero():
         atomic_write_text(output_dir / "align_config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    resume = args.resume_from_checkpoint
-    if resume == "latest":
-        # The newest checkpoint marked complete: one cut short by a crash while saving is skipped. With none, the run
-        # starts from step 0, so the same command serves a job's first launch and every relaunch after a preemption
-        # (as Lightning's `ckpt_path="last"` does; transformers' `resume_from_checkpoint=True` would raise).
-        resume = latest_checkpoint(str(output_dir))
-        if resume is None:
-            logger.warning("resume_from_checkpoint: latest: no complete checkpoint in %s; training from the start",
-                           output_dir)
-    if resume:
-        logger.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume or None)
-
-    final_dir = output_dir / "final"
-    # Every process takes part in saving (ZeRO-3 gathers shards); only the main one writes and renames.
-    if trainer.is_world_process_zero():
-        with atomic_directory(final_dir) as tmp:
-            trainer.save_model(str(tmp))
-    else:
-        trainer.save_model(str(final_dir))  # takes part in the gather; writes nothing on a non-main rank
+    result = trainer.train(resume_from_checkpoint=resume_point(args, output_dir))
+    final_dir = save_final(trainer, output_dir)
     summary = {
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_loss": result.training_loss,

@@ -81,83 +81,41 @@ def activation_checkpointing(args: TrainingArguments) -> tuple[bool, dict]:
 class _ReferenceStepHook(TrainerCallback):
     """Calls `reference.on_step_end(policy, step)` after every optimizer step."""
 
-    def __init__(self, trainer: "PreferenceTrainer"):
+    def __init__(self, trainer: "AlignTrainer"):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.reference.on_step_end(self.trainer.model, state.global_step)
 
 
-class PreferenceTrainer(Trainer):
-    """Trains a policy on preference pairs with any registered objective and reference kind.
+class AlignTrainer(Trainer):
+    """What every align trainer adds to `transformers.Trainer`: an objective and a reference manager whose state is
+    in every checkpoint (written atomically, marked complete last, checked against the resuming recipe), the
+    reference's per-step hook, and exact resume. `PreferenceTrainer` (pairs) and `OnPolicyTrainer` (f-DPG) build on it.
 
-    Args:
-        model: the policy (`PreTrainedModel` or `PeftModel`).
-        args: `TrainingArguments` (see `training_arguments`).
-        objective: an `align.objectives.Objective` (pure loss of policy and reference `PairLogps`).
-        reference: an `align.references.Reference`.
-        train_dataset / eval_dataset: items `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}`.
-        processing_class: the tokenizer (its pad id pads batches; it is saved with checkpoints).
+    Subclasses may add per-process state to checkpoints through `_process_state` / `_load_process_state`.
     """
 
-    def __init__(self, *, model, args, objective, reference, train_dataset, eval_dataset=None,
-                 processing_class=None, data_collator=None, callbacks=None):
-        if data_collator is None:
-            data_collator = SharedPromptCollator(processing_class.pad_token_id)
+    def __init__(self, *, model, args, objective, reference, data_collator, train_dataset, eval_dataset=None,
+                 processing_class=None, callbacks=None):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
-        # Our loss is a mean over pairs, not a sum over tokens: let the Trainer divide by accumulation steps.
+        # Our losses are means over examples, not sums over tokens: let the Trainer divide by accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.objective = objective
         self.reference = reference
         self.reference.prepare(self.accelerator)
-        self.reference.precompute({"train": train_dataset, "eval": eval_dataset}, data_collator,
-                                  self.args.per_device_eval_batch_size)
         self.add_callback(_ReferenceStepHook(self))
-        # Running [sum, count] per metric and mode: logged values are per-pair means over the logging window (a
+        # Running [sum, count] per metric and mode: logged values are per-example means over the logging window (a
         # short last batch does not get the weight of a full one).
         self._metrics = {"train": MetricWindow(), "eval": MetricWindow()}
 
-    # --- loss ---------------------------------------------------------------------------------------------------
+    def _process_state(self) -> dict:
+        """This process's state for a checkpoint (`align_state_{rank}.pt`), beside the reference's."""
+        return {"objective": self.objective.state_dict()}
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        policy = pair_logps(model, inputs)
-        reference = self.reference.logps(model, inputs)
-        losses, metrics = self.objective(policy, reference)
-        self._record_metrics("train" if model.training else "eval", metrics, policy, reference)
-        loss = losses.mean()
-        return (loss, metrics) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    # --- metrics ------------------------------------------------------------------------------------------------
-
-    def _record_metrics(self, mode: str, metrics: dict, policy: PairLogps, reference: PairLogps) -> None:
-        policy_chosen, policy_rejected = policy.chosen_sum().detach(), policy.rejected_sum().detach()
-        per_example = {
-            **metrics,
-            "logps/chosen": policy_chosen,
-            "logps/rejected": policy_rejected,
-            # Mean sequence log-ratio log π − log π_ref over the batch's chosen and rejected responses. These are
-            # not samples of the policy, so this tracks drift on the data; on-policy KL is measured by sampling
-            # (quickstart, best-of-n).
-            "kl/reference": 0.5 * ((policy_chosen - reference.chosen_sum()) + (policy_rejected - reference.rejected_sum())),
-            "length/chosen": policy.chosen_mask.sum(-1).float(),
-            "length/rejected": policy.rejected_mask.sum(-1).float(),
-        }
-        self._metrics[mode].add(per_example, gather=self.accelerator.gather)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        logs.update(self._metrics[mode].flush(prefix))
-        if mode == "train":
-            logs.update(self.reference.metrics())
-        super().log(logs, start_time)
+    def _load_process_state(self, state: dict) -> None:
+        self.objective.load_state_dict(state["objective"])
 
     # --- state that must survive a restart ----------------------------------------------------------------------
 
@@ -207,7 +165,7 @@ class PreferenceTrainer(Trainer):
         # Called by every process for every checkpoint, next to the RNG states, which is where the objective's sampler
         # and the reference's state belong. Each file is written to a temporary name and renamed.
         super()._save_rng_state(output_dir)
-        _atomic_torch_save({"objective": self.objective.state_dict()}, self._objective_state_file(output_dir))
+        _atomic_torch_save(self._process_state(), self._objective_state_file(output_dir))
         if self.reference.state_is_sharded() or self.args.should_save:
             _atomic_torch_save(self.reference.state_dict(), self._reference_state_file(output_dir))
 
@@ -253,7 +211,7 @@ class PreferenceTrainer(Trainer):
                 raise AlignError(f"{checkpoint}: missing {os.path.basename(path)}; cannot resume the objective and "
                                  "reference state exactly")
             states.append(torch.load(path, weights_only=False))
-        self.objective.load_state_dict(states[0]["objective"])
+        self._load_process_state(states[0])
         self.reference.load_state_dict(states[1])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -278,6 +236,71 @@ class PreferenceTrainer(Trainer):
             self.control.should_training_stop = True
             return None
         return super()._run_epoch(*args, **kwargs)
+
+
+
+class PreferenceTrainer(AlignTrainer):
+    """Trains a policy on preference pairs with any registered objective and reference kind.
+
+    Args:
+        model: the policy (`PreTrainedModel` or `PeftModel`).
+        args: `TrainingArguments` (see `training_arguments`).
+        objective: an `align.objectives.Objective` (pure loss of policy and reference `PairLogps`).
+        reference: an `align.references.Reference`.
+        train_dataset / eval_dataset: items `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}`.
+        processing_class: the tokenizer (its pad id pads batches; it is saved with checkpoints).
+    """
+
+    def __init__(self, *, model, args, objective, reference, train_dataset, eval_dataset=None,
+                 processing_class=None, data_collator=None, callbacks=None):
+        if data_collator is None:
+            data_collator = SharedPromptCollator(processing_class.pad_token_id)
+        super().__init__(model=model, args=args, objective=objective, reference=reference, data_collator=data_collator,
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         callbacks=callbacks)
+        self.reference.precompute({"train": train_dataset, "eval": eval_dataset}, data_collator,
+                                  self.args.per_device_eval_batch_size)
+
+    # --- loss ---------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        policy = pair_logps(model, inputs)
+        reference = self.reference.logps(model, inputs)
+        losses, metrics = self.objective(policy, reference)
+        self._record_metrics("train" if model.training else "eval", metrics, policy, reference)
+        loss = losses.mean()
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # --- metrics ------------------------------------------------------------------------------------------------
+
+    def _record_metrics(self, mode: str, metrics: dict, policy: PairLogps, reference: PairLogps) -> None:
+        policy_chosen, policy_rejected = policy.chosen_sum().detach(), policy.rejected_sum().detach()
+        per_example = {
+            **metrics,
+            "logps/chosen": policy_chosen,
+            "logps/rejected": policy_rejected,
+            # Mean sequence log-ratio log π − log π_ref over the batch's chosen and rejected responses. These are
+            # not samples of the policy, so this tracks drift on the data; on-policy KL is measured by sampling
+            # (quickstart, best-of-n).
+            "kl/reference": 0.5 * ((policy_chosen - reference.chosen_sum()) + (policy_rejected - reference.rejected_sum())),
+            "length/chosen": policy.chosen_mask.sum(-1).float(),
+            "length/rejected": policy.rejected_mask.sum(-1).float(),
+        }
+        self._metrics[mode].add(per_example, gather=self.accelerator.gather)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update(self._metrics[mode].flush(prefix))
+        if mode == "train":
+            logs.update(self.reference.metrics())
+        super().log(logs, start_time)
 
 
 #: Written into a checkpoint directory once everything else in it is written (`PreferenceTrainer._save_checkpoint`).

@@ -47,7 +47,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,7 +54,9 @@ from typing import Any, Literal
 
 import torch
 
-from align.errors import AlignError, ConfigError, DataError
+from align.errors import AlignError, ConfigError
+from align.io import atomic_save_figure
+from align.prompts import PromptsConfig as BonPrompts, load_prompts  # noqa: F401  (re-exported)
 from align.modeling import ModelConfig
 from align.rollout.base import SamplingParams
 from align.rollout.config import RolloutConfig
@@ -77,28 +78,6 @@ __all__ = [
 #: The aggregations of a study when none are given: Coste et al.'s three (METHODS §8), uwo with the repo's BoN λ.
 DEFAULT_AGGREGATIONS = ({"method": "mean"}, {"method": "wco"}, {"method": "uwo", "lam": 0.5, "ddof": 0})
 GOLD_SCORERS = ("toy_world",)
-
-
-@dataclass
-class BonPrompts:
-    """Where the prompts come from: exactly one of `file` and `toy_world`."""
-
-    file: str | None = field(default=None, metadata={
-        "help": "A .jsonl file (one JSON object per line) or a .json file (a list of objects), each with a non-empty "
-                "string field `prompt`; other fields are ignored."})
-    toy_world: int | None = field(default=None, metadata={
-        "help": "Generate this many toy-world prompts (`align.toy_world.make_prompts(K, seed)`)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the toy-world prompts."})
-    limit: int | None = field(default=None, metadata={"help": "Use only the first `limit` prompts (None: all)."})
-
-    def __post_init__(self):
-        if (self.file is None) == (self.toy_world is None):
-            raise ConfigError("file: give exactly one of prompts.file (a .jsonl/.json file with a `prompt` field) and "
-                              "prompts.toy_world (a number of toy prompts)")
-        if self.toy_world is not None and self.toy_world < 1:
-            raise ConfigError(f"toy_world: must be >= 1 (the number of toy prompts), got {self.toy_world}")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"limit: must be >= 1 or null, got {self.limit}")
 
 
 def _default_sampling() -> SamplingParams:
@@ -197,57 +176,6 @@ def load_bon_config(path: str | Path | None, overrides: list[str] = (), base: di
     return load_recipe(path, overrides, base, validate)
 
 
-def load_prompts(section: BonPrompts) -> list[str]:
-    """The study's prompts (see BonPrompts). Errors name the file, the 1-based row and the field."""
-    from align import toy_world
-
-    if section.toy_world is not None:
-        prompts = toy_world.make_prompts(section.toy_world, seed=section.seed)
-    else:
-        path = Path(section.file)
-        source = str(path)
-        if not path.is_file():
-            raise DataError(source, None, None, "prompts file not found (prompts.file)")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(source, None, None, f"cannot read ({e})") from None
-        if path.suffix == ".json":
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(source, None, None, f"not valid JSON ({e})") from None
-            if not isinstance(rows, list):
-                raise DataError(source, None, None, "a .json prompts file must hold a list of {\"prompt\": ...} objects")
-            numbered = list(enumerate(rows, start=1))
-        elif path.suffix == ".jsonl":
-            numbered = []
-            for row, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    numbered.append((row, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(source, row, None, f"not valid JSON ({e})") from None
-        else:
-            raise DataError(source, None, None, "prompts.file must be a .jsonl or .json file of {\"prompt\": ...} rows")
-        prompts = []
-        for row, obj in numbered:
-            if not isinstance(obj, dict) or "prompt" not in obj:
-                raise DataError(source, row, "prompt", "missing (each row must be an object with a string `prompt`)")
-            prompt = obj["prompt"]
-            if not isinstance(prompt, str):
-                raise DataError(source, row, "prompt", f"must be a string, got {type(prompt).__name__}")
-            if not prompt.strip():
-                raise DataError(source, row, "prompt", "is empty; remove the row or give it a prompt")
-            prompts.append(prompt)
-    if section.limit is not None:
-        prompts = prompts[:section.limit]
-    if not prompts:
-        raise DataError(section.file or "prompts.toy_world", None, None, "no prompts")
-    return prompts
-
-
 def _unknown_rows(tokenizer, texts: list[str]) -> list[bool]:
     unk = tokenizer.unk_token_id
     if unk is None:
@@ -267,12 +195,6 @@ def check_tokenizers(base_tokenizer, ensemble_tokenizer, texts: list[str], *, wh
                          f"{len(texts)} {what} contain words it maps to its unknown token {ensemble_tokenizer.unk_token!r} "
                          f"(e.g. {example!r}); the rewards would be read from unknown tokens. Use an ensemble "
                          f"trained on text of this policy's vocabulary (align rm train with this base's tokenizer)")
-
-
-def _write_png(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
 
 
 def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path) -> None:
@@ -301,7 +223,7 @@ def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path) -> No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _write_png(fig, path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
 
 

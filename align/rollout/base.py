@@ -28,18 +28,21 @@ class Completion:
         token_ids: generated ids, ending with EOS when `finished`.
         text: decoded text without special tokens.
         logps: `[len(token_ids)]` fp32 log-probs of the tokens under the sampling policy (temperature applied;
-            top-k/top-p truncation not renormalised).
+            top-k/top-p truncation not renormalised); None from an `HFRollout(score=False)`.
         finished: True when the completion ended with EOS (not cut by `max_new_tokens`).
     """
 
     prompt_index: int
     token_ids: list[int]
     text: str
-    logps: torch.Tensor
+    logps: torch.Tensor | None
     finished: bool
 
 
 class RolloutBackend(abc.ABC):
+    #: True when the backend samples from the very module it was last given (hf): no weights to sync.
+    samples_live_policy: bool = False
+
     @abc.abstractmethod
     def generate(self, prompts: list, n: int = 1, sampling: SamplingParams | None = None
                  ) -> list[list[Completion]]:

@@ -57,3 +57,35 @@ class RolloutConfig:
         if self.backend != "vllm":
             return {}
         return {name: getattr(self, name) for name in VLLM_ENGINE_FIELDS}
+
+
+@dataclass
+class GenerationConfig:
+    """The `generation:` section of an on-policy recipe: what is sampled each step."""
+
+    num_samples: int = field(default=4, metadata={
+        "help": "G: completions sampled per prompt. The batch of a step is per_device_train_batch_size prompts × G."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens per completion."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature (> 0). Away from 1 the sampler q is not π_θ and importance weights correct it."})
+    top_k: int = field(default=0, metadata={"help": "Keep the k most likely tokens when sampling; 0 disables."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass; 1.0 disables."})
+    sync_every: int = field(default=1, metadata={
+        "help": "rollout.backend vllm: load the policy's weights into the engine every sync_every optimizer steps "
+                "(1: always on-policy; more: cheaper, off-policy in between, corrected by importance weights). "
+                "hf samples from the live policy and takes only 1."})
+    batch_size: int = field(default=64, metadata={"help": "hf: sequences per generate call."})
+
+    def __post_init__(self):
+        for name in ("num_samples", "max_new_tokens", "sync_every", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 (on-policy training samples), got {self.temperature}")
+        if self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
+
+    def exact_sampler(self) -> bool:
+        """True when the sampler's distribution is π_θ itself (temperature 1, no truncation)."""
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0

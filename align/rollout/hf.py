@@ -16,8 +16,13 @@ class HFRollout(RolloutBackend):
     log-probs are recomputed with one teacher-forced pass instead of keeping generate's `[batch, T, vocab]` scores.
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 64, progress: bool = False):
+    samples_live_policy = True
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64, progress: bool = False, score: bool = True):
+        """`score=False` skips the teacher-forced pass (`Completion.logps` is None): an on-policy trainer whose
+        sampler is the policy itself, untempered, gets the same numbers from its own forward."""
         self.model, self.tokenizer, self.batch_size, self.progress = model, tokenizer, batch_size, progress
+        self.score = score
 
     def load_weights(self, model) -> None:
         # generate runs on the very module being trained: pointing at it is the whole weight sync.
@@ -40,8 +45,10 @@ class HFRollout(RolloutBackend):
         model.eval()  # for sampling and scoring alike: dropout would make the log-probs noisy
         try:
             generated = self._generate_ids(prompt_ids, jobs, gen_kwargs, sampling.seed, pad, eos, device)
-            logps = score_completions(model, [prompt_ids[i] for i, _ in jobs], generated,
-                                      temperature=sampling.temperature or 1.0, batch_size=self.batch_size)
+            logps = [None] * len(generated)
+            if self.score:
+                logps = score_completions(model, [prompt_ids[i] for i, _ in jobs], generated,
+                                          temperature=sampling.temperature or 1.0, batch_size=self.batch_size)
         finally:
             model.train(was_training)
         result: list[list[Completion]] = [[] for _ in prompts]

@@ -1,0 +1,90 @@
+"""Prompt sets: the `prompts:` section shared by `align bon` and on-policy training, and its loader.
+
+A prompt file is `.jsonl` (one object per line) or `.json` (a list of objects), each with a non-empty string
+`prompt`; or the toy world's prompt stream. Every problem is one `DataError` naming the file, the 1-based row and
+the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.errors import ConfigError, DataError
+
+
+@dataclass
+class PromptsConfig:
+    """Where prompts come from (`prompts:` of `align bon` and of on-policy recipes): exactly one of `file` and
+    `toy_world`."""
+
+    file: str | None = field(default=None, metadata={
+        "help": "A .jsonl file (one JSON object per line) or a .json file (a list of objects), each with a non-empty "
+                "string field `prompt`; other fields are ignored."})
+    toy_world: int | None = field(default=None, metadata={
+        "help": "Generate this many toy-world prompts (`align.toy_world.make_prompts(K, seed)`)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the toy-world prompts."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first `limit` prompts (None: all)."})
+
+    def __post_init__(self):
+        if (self.file is None) == (self.toy_world is None):
+            raise ConfigError("file: give exactly one of prompts.file (a .jsonl/.json file with a `prompt` field) and "
+                              "prompts.toy_world (a number of toy prompts)")
+        if self.toy_world is not None and self.toy_world < 1:
+            raise ConfigError(f"toy_world: must be >= 1 (the number of toy prompts), got {self.toy_world}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"limit: must be >= 1 or null, got {self.limit}")
+
+
+def load_prompts(section: PromptsConfig) -> list[str]:
+    """The prompts of a `prompts:` section (see PromptsConfig). Errors name the file, the 1-based row and the field."""
+    from align import toy_world
+
+    if section.toy_world is not None:
+        prompts = toy_world.make_prompts(section.toy_world, seed=section.seed)
+    else:
+        path = Path(section.file)
+        source = str(path)
+        if not path.is_file():
+            raise DataError(source, None, None, "prompts file not found (prompts.file)")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(source, None, None, f"cannot read ({e})") from None
+        if path.suffix == ".json":
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(source, None, None, f"not valid JSON ({e})") from None
+            if not isinstance(rows, list):
+                raise DataError(source, None, None, "a .json prompts file must hold a list of {\"prompt\": ...} objects")
+            numbered = list(enumerate(rows, start=1))
+        elif path.suffix == ".jsonl":
+            numbered = []
+            for row, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    numbered.append((row, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(source, row, None, f"not valid JSON ({e})") from None
+        else:
+            raise DataError(source, None, None, "prompts.file must be a .jsonl or .json file of {\"prompt\": ...} rows")
+        prompts = []
+        for row, obj in numbered:
+            if not isinstance(obj, dict) or "prompt" not in obj:
+                raise DataError(source, row, "prompt", "missing (each row must be an object with a string `prompt`)")
+            prompt = obj["prompt"]
+            if not isinstance(prompt, str):
+                raise DataError(source, row, "prompt", f"must be a string, got {type(prompt).__name__}")
+            if not prompt.strip():
+                raise DataError(source, row, "prompt", "is empty; remove the row or give it a prompt")
+            prompts.append(prompt)
+    if section.limit is not None:
+        prompts = prompts[:section.limit]
+    if not prompts:
+        raise DataError(section.file or "prompts.toy_world", None, None, "no prompts")
+    return prompts
+
+
