@@ -69,7 +69,11 @@ def fdpg_loss(policy_logps: torch.Tensor, target_logps: torch.Tensor, log_z: tor
     """
     dtype = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32  # fp64 for the oracle tests
     policy = policy_logps.to(dtype)
-    log_t = policy.detach() - target_logps.to(dtype) + torch.as_tensor(log_z, dtype=dtype, device=policy.device)
+    target = target_logps.to(dtype)
+    log_t = policy.detach() - target + torch.as_tensor(log_z, dtype=dtype, device=policy.device)
+    # Where the target is 0 (a constraint target's b = 0), π/p = +∞ whatever log Z is (even −∞, when no sample of the
+    # prompt has met the constraint yet): f′(∞) is finite for forward KL, JS, TV and alpha.
+    log_t = torch.where(torch.isneginf(target), torch.full_like(log_t, math.inf), log_t)
     f_prime = divergence.f_prime_from_log(log_t)
     log_w = policy.detach() - sampler_logps.to(dtype)
     truncated = torch.zeros_like(log_w, dtype=torch.bool)
