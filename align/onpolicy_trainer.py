@@ -175,7 +175,8 @@ class OnPolicyTrainer(AlignTrainer):
         flat = [c for group in completions for c in group]
         texts = [c.text for c in flat]
         prompt_texts = [p for p in prompts for _ in range(G)]
-        scores = self.reward(prompt_texts, texts)
+        scores = self.reward.score_tokens([ids for ids in prompt_ids for _ in range(G)], [c.token_ids for c in flat],
+                                          prompt_texts, texts)
         gold = self.gold_reward(prompt_texts, texts).reward if self.gold_reward is not None else None
         t2 = time.perf_counter()
 

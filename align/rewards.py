@@ -45,6 +45,13 @@ class RewardFunction(abc.ABC):
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> RewardScores:
         """Rewards of `completions[i]` as an answer to `prompts[i]` (B of each)."""
 
+    def score_tokens(self, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+                     prompts: Sequence, completions: Sequence[str]) -> RewardScores:
+        """Rewards of sampled completions given as the sampler's token ids (and their texts). A reward that reads
+        token ids of the policy's tokenizer (an ensemble sharing it) scores the ids, never re-tokenizing decoded
+        text; the default scores the texts."""
+        return self(prompts, completions)
+
 
 class CallableReward(RewardFunction):
     """A plain function as a `RewardFunction`. Its output is checked on every call: B finite numbers (or `[B, K]`

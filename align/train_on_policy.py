@@ -22,7 +22,7 @@ from align.config import OnPolicyTrainConfig, config_to_dict, objective_params, 
 from align.data import tokenize_prompts
 from align.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from align.modeling import load_policy, load_tokenizer
-from align.prompts import load_prompts
+from align.prompts import load_prompts, prompts_source
 from align.rewards import RewardConfig, RewardFunction, load_callable_reward
 from align.train import init_deepspeed_on_cpu, resume_point, save_final
 
@@ -45,7 +45,8 @@ def build_reward(section: RewardConfig, tokenizer, prompts: list[str]) -> Reward
     # The ensemble scores text with its own tokenizer; one that maps the prompts' words to <unk> was trained on
     # another vocabulary and would score unknown tokens.
     check_tokenizers(tokenizer, ensemble.tokenizer, prompts, what="prompts", ensemble_dir=section.ensemble)
-    return EnsembleReward(ensemble, section.aggregation, batch_size=section.batch_size, max_length=section.max_length)
+    return EnsembleReward(ensemble, section.aggregation, batch_size=section.batch_size, max_length=section.max_length,
+                          policy_tokenizer=tokenizer)
 
 
 def train_on_policy(config: OnPolicyTrainConfig) -> dict:
@@ -65,11 +66,11 @@ def train_on_policy(config: OnPolicyTrainConfig) -> dict:
     # Inputs first: prompts, the reward (an ensemble loads and is checked here), the sampler's preconditions.
     tokenizer = load_tokenizer(config.model)
     prompts = load_prompts(config.prompts)
-    prompt_ids = tokenize_prompts(tokenizer, prompts, source=config.prompts.file or "prompts.toy_world")
+    prompt_ids = tokenize_prompts(tokenizer, prompts, source=prompts_source(config.prompts))
     eval_prompts = eval_ids = None
     if config.evaluation.prompts is not None:
         eval_prompts = load_prompts(config.evaluation.prompts)
-        eval_ids = tokenize_prompts(tokenizer, eval_prompts, source=config.evaluation.prompts.file or "evaluation")
+        eval_ids = tokenize_prompts(tokenizer, eval_prompts, source=prompts_source(config.evaluation.prompts))
     reward = build_reward(config.reward, tokenizer, prompts)
     gold = build_reward(RewardConfig(kind="toy_world"), tokenizer, prompts) if config.evaluation.gold else None
     if config.rollout.backend == "vllm":

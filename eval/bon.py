@@ -249,6 +249,8 @@ def run_bon(config: BonConfig) -> dict[str, Any]:
         check_can_run(config.model.name_or_path, engine_kwargs=config.rollout.engine_kwargs,
                       enable_sleep_mode=config.rollout.enable_sleep_mode)
     prompts = load_prompts(config.prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise ConfigError("prompts.dataset: align bon takes text prompts; this dataset's prompts are chat messages")
     ensemble = RewardEnsemble.load(config.ensemble)   # before sampling: a bad ensemble fails in seconds
     for spec in specs:                                 # e.g. wco/uwo with a 1-member ensemble
         try:

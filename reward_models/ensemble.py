@@ -403,6 +403,14 @@ class RewardEnsemble(torch.nn.Module, abc.ABC):
         z-scores each member with the stored statistics before aggregating; `per_member` is then the normalised
         scores. `max_length`: see `encode_pairs` (None: no truncation).
         """
+        ids = encode_pairs(self.tokenizer, prompts, responses, max_length, source="<score>")
+        return self.score_ids(ids, batch_size=batch_size, progress=progress, normalize=normalize)
+
+    def score_ids(self, ids: Sequence[Sequence[int]], *, batch_size: int = 16, progress: bool = False,
+                  normalize: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`score` of rows that are already token ids of this ensemble's tokenizer (prompt + response, ending with
+        EOS, as `encode_pairs` makes them) → `(per_member[B, K], aggregate[B])`. On-policy training scores its
+        samples' own ids here when the policy shares the tokenizer, so nothing is decoded and re-tokenized."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size: must be a positive integer, got {batch_size!r}")
         if normalize is None:
@@ -410,7 +418,7 @@ class RewardEnsemble(torch.nn.Module, abc.ABC):
         if normalize and self.normalization is None:
             raise AlignError("score: normalize=True but this ensemble has no normalization statistics (compute them "
                              "with fit_normalization on a reference set)")
-        ids = encode_pairs(self.tokenizer, prompts, responses, max_length, source="<score>")
+        ids = [list(row) for row in ids]
         scores = torch.empty(len(ids), self.num_members, dtype=torch.float32)
         if ids:
             order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))

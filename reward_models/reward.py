@@ -19,14 +19,35 @@ class EnsembleReward(RewardFunction):
     """
 
     def __init__(self, ensemble: RewardEnsemble, aggregation: dict | None = None, *, batch_size: int = 64,
-                 max_length: int | None = None):
+                 max_length: int | None = None, policy_tokenizer=None):
         if aggregation is not None:
             ensemble.set_aggregation(aggregation)  # validated against K: wco/uwo need K >= 2
         self.ensemble, self.batch_size, self.max_length = ensemble, batch_size, max_length
+        #: True when the policy's token ids mean the same to the ensemble: samples are then scored as ids.
+        self.shares_tokenizer = policy_tokenizer is not None and same_tokenizer(policy_tokenizer, ensemble.tokenizer)
         self.name = f"ensemble:{ensemble.aggregation['method']}"
         self.member_names = [f"member_{k}" for k in range(ensemble.num_members)]
+
+    def score_tokens(self, prompt_ids, completion_ids, prompts, completions) -> RewardScores:
+        if not self.shares_tokenizer:
+            return self(prompts, completions)
+        eos = self.ensemble.tokenizer.eos_token_id
+        rows = []
+        for p, c in zip(prompt_ids, completion_ids):
+            row = list(p) + list(c)
+            if not c or c[-1] != eos:  # a completion cut by max_new_tokens: scored at an appended EOS, as encode_pairs
+                row.append(eos)
+            rows.append(row[-self.max_length:] if self.max_length else row)
+        members, reward = self.ensemble.score_ids(rows, batch_size=self.batch_size)
+        return RewardScores(members=members, reward=reward)
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> RewardScores:
         members, reward = self.ensemble.score(list(prompts), list(completions), batch_size=self.batch_size,
                                               max_length=self.max_length)
         return RewardScores(members=members, reward=reward)
+
+
+def same_tokenizer(a, b) -> bool:
+    """True when two tokenizers map every token to the same id and share BOS, EOS and PAD."""
+    return (a.get_vocab() == b.get_vocab()
+            and all(getattr(a, f"{t}_token_id") == getattr(b, f"{t}_token_id") for t in ("bos", "eos", "pad")))

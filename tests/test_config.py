@@ -307,7 +307,7 @@ def test_missing_output_dir_when_training_arguments_are_built():
 
 def test_unknown_objective_name_lists_known_ones():
     message = config_error("objective.name=ppo")
-    assert message == "config: objective.name: unknown objective 'ppo'; known: dpo, f_dpo, fdpo, sampo"
+    assert message == "config: objective.name: unknown objective 'ppo'; known: dpo, f_dpg, f_dpo, fdpg, fdpo, sampo"
 
 
 @pytest.mark.parametrize("name", ["fdpo", "dpo", "f_dpo", "sampo"])

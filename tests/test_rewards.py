@@ -72,3 +72,24 @@ def test_ensemble_reward_scores_members_and_its_aggregation(tiny_model_dir):
         params = {k: v for k, v in spec.items() if k != "method"}
         torch.testing.assert_close(scores.reward, aggregate(members, spec["method"], **params))
     assert reward.member_names == ["member_0", "member_1", "member_2"]
+
+    # Sampled token ids are scored as ids when the policy shares the ensemble's tokenizer: the same rows, so the same
+    # scores, with a cut completion (no EOS) scored at an appended EOS exactly as encode_pairs does for its text.
+    from transformers import AutoTokenizer
+
+    from align.data import tokenize_prompts
+
+    policy_tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    shared = EnsembleReward(ensemble, {"method": "mean"}, policy_tokenizer=policy_tokenizer)
+    assert shared.shares_tokenizer
+    prompt_ids = tokenize_prompts(policy_tokenizer, PROMPTS)
+    completion_ids = [policy_tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in COMPLETIONS]
+    completion_ids[0].append(policy_tokenizer.eos_token_id)  # one finished completion, one cut
+    scored = shared.score_tokens(prompt_ids, completion_ids, PROMPTS, COMPLETIONS)
+    torch.testing.assert_close(scored.members, members, rtol=0, atol=1e-6)
+    shared.ensemble.score = None  # the id path does not go through text scoring
+    shared.score_tokens(prompt_ids, completion_ids, PROMPTS, COMPLETIONS)
+    del shared.ensemble.score
+    other = toy_world.build_tokenizer()
+    other.add_tokens(["zebra"])
+    assert not EnsembleReward(ensemble, None, policy_tokenizer=other).shares_tokenizer

@@ -125,3 +125,18 @@ def test_bad_prompts_and_rewards_name_the_file_or_callable(toy_sft_dir, tmp_path
                                   "training.max_steps=2", "evaluation.prompts=null")])
         err = capsys.readouterr().err.strip().splitlines()
         assert status == 2 and f"reward bad_reward:{name}" in err[-1] and words in err[-1], err
+
+
+def test_conversational_prompt_dataset(toy_sft_dir, tmp_path, capsys):
+    """`prompts.dataset`: TRL's prompt-only format with chat-message prompts, rendered by the chat template."""
+    data = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": p}]} for p in ("describe the movie .", "review the book .")]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows * 4))
+    summary = run(toy_sft_dir, tmp_path / "run", f"prompts={{dataset: {data}}}", "training.max_steps=3",
+                  "evaluation.prompts=null")
+    assert summary["global_step"] == 3 and "gold_reward_after" not in summary
+    (tmp_path / "bad.jsonl").write_text('{"text": "describe the movie ."}\n')
+    status = main(["train", "--config", str(RECIPE),
+                   *overrides(toy_sft_dir, tmp_path / "bad-run", f"prompts={{dataset: {tmp_path / 'bad.jsonl'}}}")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and "bad.jsonl" in err[-1] and "no `prompt` column" in err[-1], err
