@@ -231,6 +231,11 @@ def validate_on_policy_config(raw: dict) -> OnPolicyTrainConfig:
                           "infinite; use forward_kl, js, tv or alpha, or set target.epsilon > 0")
     if objective.baseline == "leave_one_out" and config.generation.num_samples < 2:
         raise ConfigError("objective.baseline: leave_one_out needs generation.num_samples >= 2")
+    k = config.generation.steps_per_generation
+    save_steps = config.training.get("save_steps", 500)
+    if k > 1 and config.training.get("save_strategy", "steps") == "steps" and save_steps % k:
+        raise ConfigError(f"training.save_steps: {save_steps} is not a multiple of generation.steps_per_generation "
+                          f"({k}); checkpoints are written between generation groups so that a resumed run is exact")
     if config.generation.sync_every > 1 and config.rollout.backend == "hf":
         raise ConfigError("generation.sync_every: hf samples from the live policy (always in sync); sync_every "
                           "applies to rollout.backend vllm")

@@ -89,6 +89,7 @@ class OnPolicyTrainer(AlignTrainer):
         self._generate_calls = 0        # seeds each call's sampling: part of the checkpoint
         self._synced_at_step = None     # optimizer step whose weights the sampler holds (None: not yet synced)
         self._live_sampler = getattr(rollout, "samples_live_policy", False)
+        self._pending: list[dict] = []  # rollouts of the current generation group not trained on yet
 
     # --- checkpoint state -------------------------------------------------------------------------------------
 
@@ -160,15 +161,30 @@ class OnPolicyTrainer(AlignTrainer):
 
     # --- the step -----------------------------------------------------------------------------------------------
 
-    def _prepare_inputs(self, inputs: dict) -> dict:
-        if "prompt_input_ids" not in inputs:  # already a prepared group batch
-            return super()._prepare_inputs(inputs)
-        prompts, prompt_ids = inputs["prompt"], inputs["prompt_input_ids"]
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The next optimizer step's `num_batches` micro-batches, as rollouts. Every `steps_per_generation` steps one
+        `generate` call samples for the prompts of that many steps (and all their micro-batches) at once; the later
+        steps of the group are off-policy, which the importance weights π_θ/q correct."""
+        if not self._pending:
+            raw = []
+            for _ in range(self.generation.steps_per_generation * num_batches):
+                try:
+                    raw.append(next(epoch_iterator))
+                except StopIteration:
+                    break
+            self._pending = self._rollout(raw) if raw else []
+        batches, self._pending = self._pending[:num_batches], self._pending[num_batches:]
+        return batches, None
+
+    def _rollout(self, batches: list[dict]) -> list[dict]:
+        """Samples G completions for every prompt of `batches` in one call and scores them → one rollout per batch:
+        `{"prompts", "prompt_ids", "keys", "completions", "scores" [P, G], "members" [P, G, K], "gold", "timing"}`."""
+        prompts = [p for b in batches for p in b["prompt"]]
+        prompt_ids = [ids for b in batches for ids in b["prompt_input_ids"]]
         keys = [prompt_key(ids) for ids in prompt_ids]
         G = self.generation.num_samples
         if self.target.samples_per_prompt:
             self._fit_target(prompts, prompt_ids, keys)
-
         t0 = time.perf_counter()
         completions = self._sample(prompt_ids, G)
         t1 = time.perf_counter()
@@ -179,28 +195,45 @@ class OnPolicyTrainer(AlignTrainer):
                                           prompt_texts, texts)
         gold = self.gold_reward(prompt_texts, texts).reward if self.gold_reward is not None else None
         t2 = time.perf_counter()
+        rewards, members = scores.reward.reshape(-1, G), scores.members.reshape(len(prompts), G, -1)
+        out, start = [], 0
+        for b in batches:
+            P = len(b["prompt"])
+            rows = slice(start, start + P)
+            out.append({"prompts": prompts[rows], "prompt_ids": prompt_ids[rows], "keys": keys[rows],
+                        "completions": completions[rows],
+                        "rewards": rewards[rows], "members": members[rows],
+                        "gold": gold.reshape(-1, G)[rows] if gold is not None else None,
+                        "timing": ((t1 - t0) / len(batches), (t2 - t1) / len(batches))})
+            start += P
+        return out
 
-        batch = self.collate_group([{"prompt_input_ids": ids, **{k: c.token_ids for k, c in zip(self.completion_keys,
-                                                                                              group)}}
-                                    for ids, group in zip(prompt_ids, completions)])
-        batch = super()._prepare_inputs(batch)
-        reference = self.reference.group_logps(self.model, batch)
-        P = len(prompt_ids)
+    def _prepare_inputs(self, rollout: dict) -> dict:
+        """A rollout → the group batch (one prompt copy, G completion blocks per row) with the reference's
+        log-probs and the target's, computed now (a TR-DPO reference has moved since the rollout)."""
+        if "completions" not in rollout:
+            return super()._prepare_inputs(rollout)
+        t0 = time.perf_counter()
+        completions, keys = rollout["completions"], rollout["keys"]
+        batch = self._prepare_group_batch(rollout["prompt_ids"], completions, self.collate_group, self.completion_keys)
+        reference = self.reference.group_logps(self.model_wrapped, batch).sums()
         device = batch["input_ids"].device
-        rewards = scores.reward.reshape(P, G).to(device)
+        rewards = rollout["rewards"].to(device)
+        flat = [c for group in completions for c in group]
+        scored = bool(flat) and flat[0].logps is not None
         batch.update(
             keys=keys,
             rewards=rewards,
-            reward_members=scores.members.reshape(P, G, -1).to(device),
-            gold_rewards=gold.reshape(P, G).to(device) if gold is not None else None,
-            reference_logps=reference.sums(),
-            target_logps=self.target.log_prob(reference.sums(), rewards, keys),
-            # The sampler's sequence log-probs; None when the sampler is the policy itself (hf, untempered): then
-            # log q = log π_θ exactly and the policy forward gives it.
+            reward_members=rollout["members"].to(device),
+            gold_rewards=rollout["gold"].to(device) if rollout["gold"] is not None else None,
+            reference_logps=reference,
+            target_logps=self.target.log_prob(reference, rewards, keys),
+            # The sampler's sequence log-probs; None when the sampler is the policy itself (hf, untempered, one step
+            # per generation): then log q = log π_θ exactly and the policy forward gives it.
             sampler_logps=(torch.tensor([[float(c.logps.sum()) for c in group] for group in completions],
-                                        device=device) if flat and flat[0].logps is not None else None),
-            sampler_token_logps=[c.logps for c in flat] if flat and flat[0].logps is not None else None,
-            timing=(t1 - t0, t2 - t1, time.perf_counter() - t2),
+                                        device=device) if scored else None),
+            sampler_token_logps=[c.logps for c in flat] if scored else None,
+            timing=(*rollout["timing"], time.perf_counter() - t0),
             finished=torch.tensor([[c.finished for c in group] for group in completions], device=device),
             distinct_2=distinct_2([c.token_ids for c in flat]),
         )
@@ -297,7 +330,9 @@ class OnPolicyTrainer(AlignTrainer):
             reference = self.reference.group_logps(self.model, batch).sums().cpu()
             sampler = torch.tensor([[float(c.logps.sum()) for c in group] for group in part])
             kl.append((sampler - reference).reshape(-1))
-        out = {"reward": float(self.reward(prompt_texts, texts).reward.mean()),
+        rewards = self.reward.score_tokens([ids for ids in prompt_ids for _ in range(num_samples)],
+                                           [c.token_ids for c in flat], prompt_texts, texts)
+        out = {"reward": float(rewards.reward.mean()),
                "kl_to_reference": float(torch.cat(kl).mean()),
                "length": sum(len(c.token_ids) for c in flat) / len(flat),
                "finished": sum(c.finished for c in flat) / len(flat)}

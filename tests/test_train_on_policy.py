@@ -140,3 +140,21 @@ def test_conversational_prompt_dataset(toy_sft_dir, tmp_path, capsys):
                    *overrides(toy_sft_dir, tmp_path / "bad-run", f"prompts={{dataset: {tmp_path / 'bad.jsonl'}}}")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and "bad.jsonl" in err[-1] and "no `prompt` column" in err[-1], err
+
+
+def test_several_steps_per_generation(toy_sft_dir, tmp_path, capsys):
+    """`generation.steps_per_generation=4`: one sampling call per 4 optimizer steps; the later steps are off-policy
+    and their importance weights move away from 1 (the first step of each group is on-policy: weight 1)."""
+    summary = run(toy_sft_dir, tmp_path / "run", "training.max_steps=40", "training.learning_rate=2e-4",
+                  "generation.steps_per_generation=4", "training.logging_steps=1", "evaluation.prompts.toy_world=32")
+    logged = {h["step"]: h for h in summary["log_history"] if "reward" in h}
+    assert summary["global_step"] == 40 and summary["samples"] == 40 * 8 * 4
+    on_policy = [abs(logged[s]["importance_weight/mean"] - 1) for s in range(1, 41, 4)]
+    off_policy = [abs(logged[s]["importance_weight/mean"] - 1) for s in range(2, 41) if s % 4 != 1]
+    assert max(on_policy) < 1e-4 < max(off_policy)
+    assert summary["gold_reward_after"] > summary["gold_reward_before"]
+    status = main(["train", "--config", str(RECIPE), *overrides(toy_sft_dir, tmp_path / "bad",
+                                                                "generation.steps_per_generation=3",
+                                                                "training.save_strategy=steps", "training.save_steps=10")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and "training.save_steps: 10 is not a multiple of generation.steps_per_generation" in err[-1]

@@ -74,10 +74,14 @@ class GenerationConfig:
         "help": "rollout.backend vllm: load the policy's weights into the engine every sync_every optimizer steps "
                 "(1: always on-policy; more: cheaper, off-policy in between, corrected by importance weights). "
                 "hf samples from the live policy and takes only 1."})
-    batch_size: int = field(default=64, metadata={"help": "hf: sequences per generate call."})
+    steps_per_generation: int = field(default=1, metadata={
+        "help": "Optimizer steps trained on the samples of one generate call (TRL's name): the call samples for the "
+                "prompts of that many steps at once (cheaper per sample), and the later steps are off-policy, "
+                "corrected by the importance weights π_θ/q. training.save_steps must be a multiple of it."})
+    batch_size: int = field(default=64, metadata={"help": "hf: sequences per forward while sampling."})
 
     def __post_init__(self):
-        for name in ("num_samples", "max_new_tokens", "sync_every", "batch_size"):
+        for name in ("num_samples", "max_new_tokens", "sync_every", "steps_per_generation", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -87,5 +91,6 @@ class GenerationConfig:
             raise ConfigError(f"top_k must be >= 0 and top_p in (0, 1], got {self.top_k}, {self.top_p}")
 
     def exact_sampler(self) -> bool:
-        """True when the sampler's distribution is π_θ itself (temperature 1, no truncation)."""
-        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0
+        """True when the sampler's distribution is the policy being trained at every step (temperature 1, no
+        truncation, one step per generation)."""
+        return self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0 and self.steps_per_generation == 1
