@@ -2,11 +2,12 @@
 
 One optimizer (micro-)step, top to bottom (DESIGN.md, "On-policy step"):
 
-1. `_prepare_inputs`: the batch is P prompts. The rollout backend (`hf` samples from the live policy; `vllm` is
-   synced with it every `sync_every` optimizer steps) samples G completions per prompt, as token ids with the
-   sampler's log-probs. The reward function scores them (`align.rewards`: per member and aggregated); the reference
-   manager gives log a(y|x) in one shared-prompt forward (`Reference.group_logps`); the target gives log P(y|x)
-   (`align.targets`).
+1. `get_batch_samples` → `_rollout`: the step's micro-batches are P prompts each. The rollout backend (`hf` samples
+   from the live policy; `vllm` is synced with it every `sync_every` optimizer steps) samples G completions per
+   prompt for all of them in one call (for `steps_per_generation` steps at once), as token ids with the sampler's
+   log-probs, and the reward function scores them (`align.rewards`: per member and aggregated).
+   `_prepare_inputs`: when a micro-batch is trained on, the reference manager gives log a(y|x) in one shared-prompt
+   forward (`Reference.group_logps`) and the target gives log P(y|x) (`align.targets`).
 2. `compute_loss`: one policy forward over the same batch (prompt once, G completion blocks) gives log π_θ(y|x); the
    log Z table is updated with every process's samples (so it is the same on all ranks), then `FDPG.loss`.
 3. The Trainer runs backward and the optimizer step; the reference's `on_step_end` runs (TR-DPO).
@@ -137,27 +138,31 @@ class OnPolicyTrainer(AlignTrainer):
         return self.rollout.generate(prompt_ids, n=n, sampling=sampling)
 
     def _fit_target(self, prompts: list, prompt_ids: list[list[int]], keys: list[str]) -> None:
-        """Draws the target's reference samples for prompts it has not seen (best_of_n), once; every process fits
-        every process's prompts, so the fitted state is the same on all ranks."""
+        """Draws the target's reference samples for prompts it has not seen (best_of_n), once.
+
+        With several processes, every rank samples the union of all ranks' new prompts with the same seed: the fitted
+        state stays identical on all ranks, and a ZeRO-3-sharded reference runs the same forwards on every rank (its
+        parameter hooks are collective)."""
         from accelerate.utils import gather_object
 
-        todo = [i for i, key in enumerate(keys) if not self.target.fitted(key)]
-        fitted = []
-        if todo:
-            M = self.target.samples_per_prompt
-            with self._policy_for_generation() as policy, self.reference.sampling_model(policy) as model:
-                from align.rollout import HFRollout
-
-                sampler = HFRollout(model, self.processing_class, batch_size=self.generation.batch_size, score=False)
-                samples = sampler.generate([prompt_ids[i] for i in todo], n=M, sampling=self._sampling("target"))
-            texts = [c.text for group in samples for c in group]
-            scores = self.reward([prompts[i] for i in todo for _ in range(M)], texts).reward.reshape(len(todo), M)
-            fitted = [(keys[i], scores[j]) for j, i in enumerate(todo)]
+        todo = {key: (prompt, ids) for key, prompt, ids in zip(keys, prompts, prompt_ids) if not self.target.fitted(key)}
         if self.args.world_size > 1:
-            fitted = gather_object(fitted)
-        for key, rewards in fitted:
-            if not self.target.fitted(key):
-                self.target.fit_prompt(key, rewards)
+            todo = {key: item for part in gather_object([todo]) for key, item in part.items()}
+        if not todo:
+            return
+        M, g = self.target.samples_per_prompt, self.generation
+        seed = hashlib.blake2b(f"{self.args.seed}:target:{','.join(todo)}".encode(), digest_size=4).digest()
+        sampling = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
+                                  top_p=g.top_p, seed=int.from_bytes(seed, "little") & 0x7FFFFFFF)
+        with self._policy_for_generation() as policy, self.reference.sampling_model(policy) as model:
+            from align.rollout import HFRollout
+
+            sampler = HFRollout(model, self.processing_class, batch_size=g.batch_size, score=False)
+            samples = sampler.generate([ids for _, ids in todo.values()], n=M, sampling=sampling)
+        texts = [c.text for group in samples for c in group]
+        scores = self.reward([prompt for prompt, _ in todo.values() for _ in range(M)], texts).reward
+        for key, rewards in zip(todo, scores.reshape(len(todo), M)):
+            self.target.fit_prompt(key, rewards)
 
     # --- the step -----------------------------------------------------------------------------------------------
 

@@ -142,11 +142,12 @@ def test_tr_dpo_hard_update_every_step_is_used_by_the_next_forward(tmp_path, tin
 # --- on-policy f-DPG under ZeRO-2 and ZeRO-3 ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_fdpg_under_zero(tmp_path, toy_sft_dir, stage):
+@pytest.mark.parametrize("stage, target", [(2, "{kind: exponential, beta: 0.1}"),
+                                           (3, "{kind: best_of_n, n: 4, samples: 8}")])
+def test_fdpg_under_zero(tmp_path, toy_sft_dir, stage, target):
     """f-DPG on 2 processes: HF generation gathers the ZeRO-3 shards, the log Z table and the baseline are built from
-    both ranks' samples (the same on each), the frozen reference is sharded like the policy, and the gold reward
-    rises."""
+    both ranks' samples (the same on each), the frozen reference is sharded like the policy (and gathered to draw
+    the best_of_n target's reference samples, on every rank whenever any rank needs them), and gold rises."""
     from pathlib import Path
 
     recipe = Path(__file__).resolve().parent.parent / "configs" / "fdpg-toy.yaml"
@@ -158,7 +159,7 @@ def test_fdpg_under_zero(tmp_path, toy_sft_dir, stage):
            f"training.output_dir={out}", "training.report_to=none", "training.disable_tqdm=true",
            "training.max_steps=60", "training.learning_rate=2e-4", "training.per_device_train_batch_size=4",
            "training.save_strategy=steps", "training.save_steps=60", f"training.deepspeed={ds_config}",
-           "evaluation.prompts.toy_world=32"]
+           "evaluation.prompts.toy_world=32", f"target={target}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -168,6 +169,9 @@ def test_fdpg_under_zero(tmp_path, toy_sft_dir, stage):
     states = [torch.load(out / "checkpoint-60" / f"align_state_{rank}.pt", weights_only=False) for rank in (0, 1)]
     assert states[0]["objective"] == states[1]["objective"]  # log Z table and baseline window agree across ranks
     assert states[0]["objective"]["log_z"]["count"]
+    fitted = [state["target"].get("sorted_rewards", {}) for state in states]
+    assert fitted[0].keys() == fitted[1].keys()  # best_of_n: every rank fitted every rank's prompts, alike
+    assert all(torch.equal(fitted[0][key], fitted[1][key]) for key in fitted[0])
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     initial = AutoModelForCausalLM.from_pretrained(toy_sft_dir)
     assert sum(p.numel() for p in final.parameters()) == sum(p.numel() for p in initial.parameters())

@@ -85,7 +85,8 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(toy_sft_dir, tmp_pa
                 proc.kill()
     state = torch.load(out_b / f"checkpoint-{killed_at}" / "align_state_0.pt", weights_only=False)
     assert state["target"]["sorted_rewards"] and state["objective"]["log_z"]["count"]  # the state that must survive
-    assert len(state["objective"]["moving_baseline"]["values"]) == 64 and state["generate_calls"] > killed_at
+    assert len(state["objective"]["moving_baseline"]["values"]) == 64
+    assert state["generate_calls"] == killed_at  # one sampling call per optimizer step
     a = AutoModelForCausalLM.from_pretrained(out_a / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(out_b / "final").state_dict()
     for key, value in a.items():

@@ -47,7 +47,14 @@ class FrozenReference(Reference):
 
     @contextlib.contextmanager
     def sampling_model(self, policy):
-        yield self.model
+        if self.accelerator is None:
+            yield self.model
+            return
+        from trl.models.utils import unwrap_model_for_generation
+
+        # Under ZeRO-3 the reference is sharded like the policy: gathered for the block (collective).
+        with unwrap_model_for_generation(self.model, self.accelerator) as model:
+            yield model
 
 
 @register_reference("peft_disabled")
