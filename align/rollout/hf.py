@@ -113,7 +113,7 @@ def sample_batch(model, prompts: list[list[int]], sampling: SamplingParams, pad:
     cache_key = _cache_argument(model)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    cache = getattr(out, cache_key)  # the output names the cache as the forward does
     logits, next_position = out.logits[:, -1].float(), positions[:, -1] + 1
     done = torch.zeros(B, dtype=torch.bool, device=device)
     tokens, logps = [], []
