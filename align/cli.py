@@ -7,6 +7,7 @@
     align rm score --ensemble DIR --input F.jsonl --output G.jsonl [--batch-size N] [--aggregation wco] [--lam 0.5]
     align rm toy-data --out DIR
     align bon --config configs/bon/toy.yaml [dotted.key=value ...]
+    align study fdpg_divergences|overoptimisation|frontier [--quick] [--output-dir DIR] [--seeds N]
 
 Bad input (a config key, a data row, a model path) is reported as one line naming the key, file, row or field,
 with exit status 2 and no traceback.
@@ -118,6 +119,18 @@ def _bon(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _study(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from eval.studies import run_study
+
+    results = run_study(ns.name, output_dir=ns.output_dir, seeds=ns.seeds, quick=ns.quick)
+    print(Path(results["outputs"]["table"]).read_text())
+    print(f"{ns.name}: {len(results['seeds'])} seed(s), {results['wall_time_s']} s; wrote "
+          f"{results['outputs']['results']} and {results['outputs']['figure']}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -186,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML study (see configs/bon/)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. num_samples=16")
     p.set_defaults(func=_bon)
+
+    p = sub.add_parser("study", help="on-policy studies on the toy world: fdpg_divergences, overoptimisation, "
+                                     "frontier (results.json + PNG in docs/studies/NAME/)")
+    p.add_argument("name", help="fdpg_divergences | overoptimisation | frontier")
+    p.add_argument("--quick", action="store_true", help="1 seed, a few steps, tiny sizes (a smoke run, < 1 min)")
+    p.add_argument("--output-dir", help="where results.json, results.md and the PNG go (default docs/studies/NAME; "
+                                        "models go to outputs/studies/NAME/work, or DIR/work with --output-dir)")
+    p.add_argument("--seeds", type=_positive_int, help="number of seeds (default: the study's own; 1 with --quick)")
+    p.set_defaults(func=_study)
     return parser
 
 

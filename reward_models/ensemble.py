@@ -391,7 +391,6 @@ class RewardEnsemble(torch.nn.Module, abc.ABC):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    @torch.no_grad()
     def score(self, prompts: Sequence, responses: Sequence, *, batch_size: int = 16, progress: bool = False,
               normalize: bool | None = None, max_length: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -406,6 +405,7 @@ class RewardEnsemble(torch.nn.Module, abc.ABC):
         ids = encode_pairs(self.tokenizer, prompts, responses, max_length, source="<score>")
         return self.score_ids(ids, batch_size=batch_size, progress=progress, normalize=normalize)
 
+    @torch.no_grad()
     def score_ids(self, ids: Sequence[Sequence[int]], *, batch_size: int = 16, progress: bool = False,
                   normalize: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`score` of rows that are already token ids of this ensemble's tokenizer (prompt + response, ending with

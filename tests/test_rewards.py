@@ -87,6 +87,7 @@ def test_ensemble_reward_scores_members_and_its_aggregation(tiny_model_dir):
     completion_ids[0].append(policy_tokenizer.eos_token_id)  # one finished completion, one cut
     scored = shared.score_tokens(prompt_ids, completion_ids, PROMPTS, COMPLETIONS)
     torch.testing.assert_close(scored.members, members, rtol=0, atol=1e-6)
+    assert not scored.reward.requires_grad and not scored.members.requires_grad  # no reward-model graph in the loss
     shared.ensemble.score = None  # the id path does not go through text scoring
     shared.score_tokens(prompt_ids, completion_ids, PROMPTS, COMPLETIONS)
     del shared.ensemble.score
