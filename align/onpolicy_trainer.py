@@ -54,7 +54,7 @@ class PromptDataset(torch.utils.data.Dataset):
 
 
 def collate_prompts(examples: list[dict]) -> dict:
-    return {"prompt": [ex["prompt"] for ex in examples], "prompt_input_ids": [ex["prompt_input_ids"] for ex in examples]}
+    return {key: [ex[key] for ex in examples] for key in ("prompt", "prompt_input_ids")}
 
 
 def distinct_2(sequences: list[list[int]]) -> float:
@@ -145,7 +145,8 @@ class OnPolicyTrainer(AlignTrainer):
         parameter hooks are collective)."""
         from accelerate.utils import gather_object
 
-        todo = {key: (prompt, ids) for key, prompt, ids in zip(keys, prompts, prompt_ids) if not self.target.fitted(key)}
+        todo = {key: (prompt, ids) for key, prompt, ids in zip(keys, prompts, prompt_ids)
+                if not self.target.fitted(key)}
         if self.args.world_size > 1:
             todo = {key: item for part in gather_object([todo]) for key, item in part.items()}
         if not todo:

@@ -61,7 +61,8 @@ def _sample(model, tokenizer, prompts, n, seed, progress=True):
 
 
 def train_toy_sft(base_dir: Path, out_dir: Path, seed: int) -> None:
-    """The quickstart's SFT stage: TRL's SFTTrainer on grammar samples, saved to `out_dir` (tests and studies reuse it)."""
+    """The quickstart's SFT stage: TRL's SFTTrainer on grammar samples, saved to `out_dir` (reused by tests and
+    studies)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer

@@ -123,7 +123,8 @@ def test_best_of_n_state_round_trips():
     other.load_state_dict(target.state_dict())
     r = torch.tensor([[2.0, 0.0]])
     assert other.fitted("x") and not other.fitted("y")
-    torch.testing.assert_close(other.log_prob(torch.zeros(1, 2), r, ["x"]), target.log_prob(torch.zeros(1, 2), r, ["x"]))
+    zeros = torch.zeros(1, 2)
+    torch.testing.assert_close(other.log_prob(zeros, r, ["x"]), target.log_prob(zeros, r, ["x"]))
     assert isinstance(other, BestOfNTarget)
 
 

@@ -153,8 +153,8 @@ def test_several_steps_per_generation(toy_sft_dir, tmp_path, capsys):
     off_policy = [abs(logged[s]["importance_weight/mean"] - 1) for s in range(2, 41) if s % 4 != 1]
     assert max(on_policy) < 1e-4 < max(off_policy)
     assert summary["gold_reward_after"] > summary["gold_reward_before"]
-    status = main(["train", "--config", str(RECIPE), *overrides(toy_sft_dir, tmp_path / "bad",
-                                                                "generation.steps_per_generation=3",
-                                                                "training.save_strategy=steps", "training.save_steps=10")])
+    bad = overrides(toy_sft_dir, tmp_path / "bad", "generation.steps_per_generation=3", "training.save_strategy=steps",
+                    "training.save_steps=10")
+    status = main(["train", "--config", str(RECIPE), *bad])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and "training.save_steps: 10 is not a multiple of generation.steps_per_generation" in err[-1]

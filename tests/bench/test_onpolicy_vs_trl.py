@@ -1,5 +1,6 @@
 """`bench/onpolicy_vs_trl.py --quick` end to end: align's f-DPG recipe and TRL's RLOOTrainer each train the toy model
-(one sampling call per step, and one per 4 steps) for 3 steps in their own worker processes, and the JSON has a timed, measured row for both (about 30 s on 2 cores)."""
+(one sampling call per step, and one per 4 steps) for 3 steps in their own worker processes, and the JSON has a
+timed, measured row for each (about 40 s on 2 cores)."""
 
 import json
 import math
