@@ -210,7 +210,7 @@ class AlignTrainer(Trainer):
             if not os.path.isfile(path):
                 raise AlignError(f"{checkpoint}: missing {os.path.basename(path)}; cannot resume the objective and "
                                  "reference state exactly")
-            states.append(torch.load(path, weights_only=False))
+            states.append(load_state_file(path))
         self._load_process_state(states[0])
         self.reference.load_state_dict(states[1])
 
@@ -329,6 +329,22 @@ def latest_checkpoint(output_dir: str) -> str | None:
     if skipped:
         logger.warning("%s: skipping %s: no %s (incomplete)", output_dir, ", ".join(skipped), CHECKPOINT_MARKER)
     return path
+
+
+def load_state_file(path: str):
+    """An align state file (`align_state_*.pt`, `align_reference*.pt`), loaded with `weights_only=True`: tensors,
+    numbers, strings and containers only. A file holding anything else (a pickled object whose loading would run
+    code, a truncated or foreign file) is one `AlignError` naming it; nothing in it runs."""
+    import pickle
+
+    from align.errors import AlignError
+
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AlignError(f"{path}: not an align state file that can be loaded safely (only tensors, numbers, strings "
+                         f"and containers are read; {reason[:200]})") from None
 
 
 def _atomic_torch_save(obj, path: str) -> None:

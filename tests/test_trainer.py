@@ -372,3 +372,48 @@ def test_tr_dpo_resume_restores_the_moved_reference(tmp_path, tiny_model_dir, to
         assert torch.equal(a, b), f"reference {name}"  # the moved reference, not the SFT model
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), resumed.reference.model.parameters()))
+
+
+# --------------------------------------------------------------------------------------------- safe state loading
+
+
+class _Payload:
+    """A pickled object whose loading would run code: creates `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.path),))
+
+
+def test_state_files_load_plain_data_and_refuse_pickled_code(tmp_path):
+    """align's checkpoint state files are read with weights_only=True: tensors, numbers and strings come back; a
+    pickled payload is refused with one line naming the file, and does not run; a truncated file is refused too."""
+    from align.errors import AlignError
+    from align.trainer import _atomic_torch_save, load_state_file
+
+    good = tmp_path / "align_state_0.pt"
+    state = {"objective": {"log_z": {"log_sum": {"k": 1.5}, "count": {"k": 3}}, "generator": torch.arange(4)},
+             "generate_calls": 7, "target": {"sorted_rewards": {"k": torch.tensor([0.5, 1.0])}}}
+    _atomic_torch_save(state, str(good))
+    loaded = load_state_file(str(good))
+    assert loaded["generate_calls"] == 7 and torch.equal(loaded["objective"]["generator"], torch.arange(4))
+
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "align_reference.pt"
+    torch.save({"objective": _Payload(marker)}, evil)
+    with pytest.raises(AlignError) as e:
+        load_state_file(str(evil))
+    assert str(evil) in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()  # refused, not executed
+    torch.load(evil, weights_only=False)  # power check: the unsafe load the trainer used to do runs the payload
+    assert marker.exists()
+
+    truncated = tmp_path / "align_state_1.pt"
+    truncated.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(AlignError) as e:
+        load_state_file(str(truncated))
+    assert str(truncated) in str(e.value)
