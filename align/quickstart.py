@@ -147,6 +147,7 @@ def run_quickstart(output_dir: str | Path = "outputs/quickstart", *, seed: int =
         recipe["training"]["output_dir"] = str(work / "dpo")
         recipe["seed"] = seed
         train_summary = train(load_train_config(None, base=recipe))
+        _name_final_paths(work / "dpo", work, output_dir)
         stage("f-DPO", t0)
 
         t0 = time.time()
@@ -182,6 +183,17 @@ def run_quickstart(output_dir: str | Path = "outputs/quickstart", *, seed: int =
 
     _print_table(console, summary, output_dir)
     return summary
+
+
+def _name_final_paths(run_dir: Path, work: Path, final: Path) -> None:
+    """The f-DPO stage saved its recipe and summary while the quickstart was still being built under a temporary
+    name: make them name the paths the files will have once it is renamed to `final`."""
+    from align.io import atomic_write_text
+
+    for name in ("align_config.yaml", "train_summary.json"):
+        path = run_dir / name
+        if path.is_file():
+            atomic_write_text(path, path.read_text().replace(str(work), str(final)))
 
 
 def _plot(before: list[float], after: list[float], summary: dict, path: Path) -> None:

@@ -47,3 +47,14 @@ case "$ZERO" in
 esac
 extra=()
 [[ $user_deepspeed -eq 1 ]] || extra=("training.deepspeed=$ds_config")
+
+# --- the interpreter -------------------------------------------------------------------------------------------------
+# $PYTHON, else the project's .venv (what `make quickstart` / scripts/setup.sh create), else python on PATH: the
+# scripts work from a fresh shell without activating the venv.
+if [[ -z "${PYTHON:-}" ]]; then
+    if [[ -x "$LAUNCH_DIR/../.venv/bin/python" ]]; then
+        PYTHON="$(cd "$LAUNCH_DIR/.." && pwd)/.venv/bin/python"
+    else
+        PYTHON=python
+    fi
+fi

@@ -32,7 +32,8 @@
 #                  on EVERY node, with the same HOSTFILE, MASTER_ADDR (required) and MASTER_PORT, and NODE_RANK set to
 #                  that node's line in the hostfile (0 = first line, the master). Each node then starts only its own
 #                  processes. Under SLURM: one task per node, NODE_RANK=$SLURM_NODEID.
-#   PYTHON         interpreter that has align and deepspeed installed (default: python on PATH).
+#   PYTHON         interpreter that has align and deepspeed installed. Default: the project's .venv/bin/python when it
+#                  exists (no need to activate it), else python on PATH.
 #   DRY_RUN=1      print the runner command instead of running it.
 #
 # Why the `deepspeed` runner: it reads the hostfile, fans out over pdsh and gives each process RANK, LOCAL_RANK,
@@ -79,7 +80,6 @@ is_this_machine() {
 }
 
 # --- runner options ------------------------------------------------------------------------------------------------
-PYTHON="${PYTHON:-python}"
 runner=(--hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}")
 [[ -z "${NUM_NODES:-}" ]] || runner+=(--num_nodes "$NUM_NODES")
 [[ -z "${NUM_GPUS:-}" ]] || runner+=(--num_gpus "$NUM_GPUS")

@@ -29,7 +29,8 @@
 #                  gradient_accumulation_steps).
 #   MASTER_PORT    port of the rendezvous on this node. Default: unset, torchrun --standalone picks a free port, so
 #                  several jobs can share a node.
-#   PYTHON         interpreter that has align installed (default: python on PATH).
+#   PYTHON         interpreter that has align installed. Default: the project's .venv/bin/python when it
+#                  exists (no need to activate it), else python on PATH.
 #   TORCHRUN_ARGS  extra torchrun options, one string split on spaces (e.g. "--max_restarts 0 --log_dir logs").
 #   DRY_RUN=1      print the command instead of running it.
 #
@@ -69,7 +70,6 @@ fi
 [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || usage "NUM_GPUS must be a positive integer, got '$NUM_GPUS'"
 
 # --- the command ---------------------------------------------------------------------------------------------------
-PYTHON="${PYTHON:-python}"
 if [[ -n "${MASTER_PORT:-}" ]]; then
     rendezvous=(--master_addr 127.0.0.1 --master_port "$MASTER_PORT")
 else

@@ -232,6 +232,18 @@ def dry_run(script: str, *args: str, **env) -> list[str]:
     return shlex.split(proc.stdout)
 
 
+def test_launch_scripts_find_the_project_venv(tmp_path):
+    """From a fresh shell (no PYTHON, no activated venv) the scripts run the project's .venv when it exists."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("{}\n")
+    venv = LAUNCH.parent / ".venv" / "bin" / "python"
+    want = str(venv) if venv.exists() else "python"
+    assert dry_run("single_node.sh", "--config", str(recipe), NUM_GPUS="1", PYTHON="")[0] == want
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    assert dry_run("multi_node.sh", "--config", str(recipe), HOSTFILE=str(hostfile), PYTHON="")[0] == want
+
+
 def test_single_node_command(tmp_path):
     from torch.distributed.run import get_args_parser
 

@@ -93,3 +93,15 @@ def test_no_temporary_siblings_left(quickstart):
     assert [p.name for p in root.iterdir()] == ["qs"]
     hidden = [str(p.relative_to(out)) for p in out.rglob(".*")]
     assert hidden == []
+
+
+def test_saved_recipe_and_summary_name_the_final_paths(quickstart):
+    """They were written while the quickstart was built under a temporary name (issue 12, finding 6)."""
+    import yaml
+
+    _, out, _ = quickstart
+    config = yaml.safe_load((out / "dpo" / "align_config.yaml").read_text())
+    assert config["model"]["name_or_path"] == str(out / "sft")
+    assert config["training"]["output_dir"] == str(out / "dpo")
+    summary = (out / "dpo" / "train_summary.json").read_text()
+    assert ".tmp-" not in summary and str(out / "dpo" / "final") in summary
