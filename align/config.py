@@ -84,6 +84,9 @@ class TrainConfig:
         default=True, metadata={"help": "Set every dropout probability to 0 (as TRL does): the policy and the "
                                         "reference then score the same tokens the same way at step 0."},
     )
+    overwrite: bool = field(default=False, metadata={
+        "help": "Write into a training.output_dir that already holds files (by default refused, so that a finished "
+                "run is never overwritten; resuming with training.resume_from_checkpoint is always allowed)."})
 
 
 @dataclass
@@ -134,6 +137,8 @@ class OnPolicyTrainConfig:
     seed: int = field(default=42, metadata={"help": "Seed of the model init, prompt order and sampling."})
     disable_dropout: bool = field(default=True, metadata={
         "help": "Set every dropout probability to 0: sampler, policy and reference then score tokens alike."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Write into a training.output_dir that already holds files (refused by default; resuming is allowed)."})
 
 
 #: objective family → the recipe's config class (`align.objectives.Objective.family`).

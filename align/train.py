@@ -49,6 +49,22 @@ def train(config) -> dict:
     return train_pairs(config)
 
 
+def check_output_dir(args, overwrite: bool) -> None:
+    """Refuses a `training.output_dir` that already holds files, unless the run resumes from it or `overwrite` is
+    set: a second `align train` with the same recipe must not silently replace a finished run."""
+    from align.errors import ConfigError
+
+    output_dir = Path(args.output_dir)
+    if overwrite or args.resume_from_checkpoint or not output_dir.is_dir():
+        return
+    held = sorted(p.name for p in output_dir.iterdir())
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise ConfigError(f"training.output_dir: '{output_dir}' already holds files ({shown}); resume it with "
+                          "training.resume_from_checkpoint=latest, write into it anyway with overwrite=true, or "
+                          "choose another output_dir")
+
+
 def resume_point(args, output_dir: Path) -> str | None:
     """The checkpoint `training.resume_from_checkpoint` names: a path, or for `latest` the newest complete one."""
     resume = args.resume_from_checkpoint
@@ -89,6 +105,7 @@ def train_pairs(config: TrainConfig) -> dict:
     # TrainingArguments first: with a ZeRO-3 `deepspeed` config it must exist before any model is loaded, so that
     # `from_pretrained` partitions the weights as it loads them.
     args = training_arguments(training_arguments_kwargs(config.training), seed=config.seed)
+    check_output_dir(args, config.overwrite)  # before anything is loaded or written
     set_seed(config.seed)
 
     # Data is loaded and checked before anything is written, so bad input leaves no half-made output directory.

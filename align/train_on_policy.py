@@ -24,7 +24,7 @@ from align.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from align.modeling import load_policy, load_tokenizer
 from align.prompts import load_prompts, prompts_source
 from align.rewards import RewardConfig, RewardFunction, load_callable_reward
-from align.train import init_deepspeed_on_cpu, resume_point, save_final
+from align.train import check_output_dir, init_deepspeed_on_cpu, resume_point, save_final
 
 logger = logging.getLogger("align.train_on_policy")
 
@@ -61,6 +61,7 @@ def train_on_policy(config: OnPolicyTrainConfig) -> dict:
     start = time.time()
     init_deepspeed_on_cpu(config.training)
     args = training_arguments(config.training, seed=config.seed)
+    check_output_dir(args, config.overwrite)  # before anything is loaded or written
     set_seed(config.seed)
 
     # Inputs first: prompts, the reward (an ensemble loads and is checked here), the sampler's preconditions.

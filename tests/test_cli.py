@@ -312,3 +312,21 @@ def test_no_command_is_a_usage_error(tmp_path):
     proc = run_align(cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("usage: align")
+
+
+def test_a_second_train_into_a_finished_run_is_refused(outcomes):
+    """Nothing lost (issue 12, finding 1): the same command again refuses to write over the finished run, in one
+    line and before anything is loaded; `overwrite=true` writes into it; resuming from it stays allowed."""
+    o = outcomes["success"]
+    run = o.cwd / "run"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    proc = run_align("train", "--config", "recipe.yaml", "training.output_dir=run", "training.max_steps=2", cwd=o.cwd)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("align: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "training.output_dir: 'run' already holds files (align_config.yaml, final, train_summary.json)" in errors[0]
+    assert "overwrite=true" in errors[0] and "Traceback" not in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # untouched
+    proc = run_align("train", "--config", "recipe.yaml", "training.output_dir=run", "training.max_steps=1",
+                     "overwrite=true", cwd=o.cwd)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "train_summary.json").read_text())["global_step"] == 1

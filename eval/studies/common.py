@@ -144,6 +144,7 @@ def fdpg_recipe(sft: Path, output_dir: Path, *, seed: int, steps: int, learning_
                      "learning_rate": learning_rate, "lr_scheduler_type": "constant", "logging_steps": logging_steps,
                      "save_strategy": "no", "report_to": "none", "disable_tqdm": True},
         "seed": seed,
+        "overwrite": True,  # the study's own run folder (it holds train.log; a rerun replaces the run)
     }
 
 
