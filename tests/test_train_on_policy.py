@@ -121,8 +121,9 @@ def test_bad_prompts_and_rewards_name_the_file_or_callable(toy_sft_dir, tmp_path
     monkeypatch.syspath_prepend(str(tmp_path))
     for name, words in (("nan", "non-finite"), ("short", "shape")):
         status = main(["train", "--config", str(RECIPE),
-                       *overrides(toy_sft_dir, out, "reward.kind=callable", f"reward.callable=bad_reward:{name}",
-                                  "training.max_steps=2", "evaluation.prompts=null")])
+                       *overrides(toy_sft_dir, tmp_path / name, "reward.kind=callable",
+                                  f"reward.callable=bad_reward:{name}", "training.max_steps=2",
+                                  "evaluation.prompts=null")])
         err = capsys.readouterr().err.strip().splitlines()
         assert status == 2 and f"reward bad_reward:{name}" in err[-1] and words in err[-1], err
 
