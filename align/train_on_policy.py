@@ -37,14 +37,14 @@ def build_reward(section: RewardConfig, tokenizer, prompts: list[str]) -> Reward
         return gold_reward_function()
     if section.kind == "callable":
         return load_callable_reward(section.callable, "reward.callable")
-    from eval.bon import check_tokenizers
     from reward_models.ensemble import RewardEnsemble
-    from reward_models.reward import EnsembleReward
+    from reward_models.reward import EnsembleReward, check_tokenizers
 
     ensemble = RewardEnsemble.load(section.ensemble)
     # The ensemble scores text with its own tokenizer; one that maps the prompts' words to <unk> was trained on
     # another vocabulary and would score unknown tokens.
-    check_tokenizers(tokenizer, ensemble.tokenizer, prompts, what="prompts", ensemble_dir=section.ensemble)
+    check_tokenizers(tokenizer, ensemble.tokenizer, [p for p in prompts if isinstance(p, str)], what="prompts",
+                     ensemble_dir=section.ensemble)
     return EnsembleReward(ensemble, section.aggregation, batch_size=section.batch_size, max_length=section.max_length,
                           policy_tokenizer=tokenizer)
 

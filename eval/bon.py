@@ -60,6 +60,7 @@ from align.prompts import PromptsConfig as BonPrompts, load_prompts  # noqa: F40
 from align.modeling import ModelConfig
 from align.rollout.base import SamplingParams
 from align.rollout.config import RolloutConfig
+from reward_models.reward import check_tokenizers  # noqa: F401  (re-exported)
 from eval.best_of_n import bon_ns, expected_best_of_n, expected_best_of_n_by
 from eval.kl import bon_kl_bound, bon_kl_estimate
 
@@ -174,27 +175,6 @@ def load_bon_config(path: str | Path | None, overrides: list[str] = (), base: di
         return config
 
     return load_recipe(path, overrides, base, validate)
-
-
-def _unknown_rows(tokenizer, texts: list[str]) -> list[bool]:
-    unk = tokenizer.unk_token_id
-    if unk is None:
-        return [False] * len(texts)
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [unk in row for row in ids]
-
-
-def check_tokenizers(base_tokenizer, ensemble_tokenizer, texts: list[str], *, what: str, ensemble_dir: str) -> None:
-    """Refuses texts the ensemble's tokenizer maps to its unknown token where the base's tokenizer does not."""
-    base_unk = _unknown_rows(base_tokenizer, texts)
-    ens_unk = _unknown_rows(ensemble_tokenizer, texts)
-    bad = [i for i, (b, e) in enumerate(zip(base_unk, ens_unk)) if e and not b]
-    if bad:
-        example = texts[bad[0]][:80]
-        raise AlignError(f"ensemble '{ensemble_dir}': its tokenizer does not match the base policy's: {len(bad)} of "
-                         f"{len(texts)} {what} contain words it maps to its unknown token {ensemble_tokenizer.unk_token!r} "
-                         f"(e.g. {example!r}); the rewards would be read from unknown tokens. Use an ensemble "
-                         f"trained on text of this policy's vocabulary (align rm train with this base's tokenizer)")
 
 
 def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path) -> None:

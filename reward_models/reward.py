@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from align.errors import AlignError
 from align.rewards import RewardFunction, RewardScores
 from reward_models.ensemble import RewardEnsemble
 
@@ -51,3 +52,24 @@ def same_tokenizer(a, b) -> bool:
     """True when two tokenizers map every token to the same id and share BOS, EOS and PAD."""
     return (a.get_vocab() == b.get_vocab()
             and all(getattr(a, f"{t}_token_id") == getattr(b, f"{t}_token_id") for t in ("bos", "eos", "pad")))
+
+
+def _unknown_rows(tokenizer, texts: list[str]) -> list[bool]:
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return [False] * len(texts)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [unk in row for row in ids]
+
+
+def check_tokenizers(base_tokenizer, ensemble_tokenizer, texts: list[str], *, what: str, ensemble_dir: str) -> None:
+    """Refuses texts the ensemble's tokenizer maps to its unknown token where the base's tokenizer does not."""
+    base_unk = _unknown_rows(base_tokenizer, texts)
+    ens_unk = _unknown_rows(ensemble_tokenizer, texts)
+    bad = [i for i, (b, e) in enumerate(zip(base_unk, ens_unk)) if e and not b]
+    if bad:
+        example = texts[bad[0]][:80]
+        raise AlignError(f"ensemble '{ensemble_dir}': its tokenizer does not match the base policy's: {len(bad)} of "
+                         f"{len(texts)} {what} contain words it maps to its unknown token {ensemble_tokenizer.unk_token!r} "
+                         f"(e.g. {example!r}); the rewards would be read from unknown tokens. Use an ensemble "
+                         f"trained on text of this policy's vocabulary (align rm train with this base's tokenizer)")
