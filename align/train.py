@@ -93,6 +93,17 @@ def save_final(trainer, output_dir: Path) -> Path:
     return final_dir
 
 
+def build_policy_reference_objective(config):
+    """The policy (dropout off when asked), its reference and the objective, from a recipe of either family."""
+    policy = load_policy(config.model)
+    if config.disable_dropout:
+        disable_dropout(policy)
+    kind, params = reference_section(config.reference)
+    reference = build_reference(kind, params, policy=policy, model_config=config.model)
+    objective_cls, objective_config = objective_params(config.objective)
+    return policy, reference, objective_cls(objective_config, seed=config.seed)
+
+
 def train_pairs(config: TrainConfig) -> dict:
     """Runs one preference-training job and returns its summary (also written to `<output_dir>/train_summary.json`).
 
@@ -115,13 +126,7 @@ def train_pairs(config: TrainConfig) -> dict:
     if config.data.eval is not None:
         eval_dataset, _ = build_preference_dataset(config.data, tokenizer, "eval")
 
-    policy = load_policy(config.model)
-    if config.disable_dropout:
-        disable_dropout(policy)
-    kind, params = reference_section(config.reference)
-    reference = build_reference(kind, params, policy=policy, model_config=config.model)
-    objective_cls, objective_config = objective_params(config.objective)
-    objective = objective_cls(objective_config, seed=config.seed)
+    policy, reference, objective = build_policy_reference_objective(config)
 
     trainer = PreferenceTrainer(model=policy, args=args, objective=objective, reference=reference,
                                 train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)

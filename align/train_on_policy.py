@@ -18,13 +18,13 @@ from pathlib import Path
 
 import yaml
 
-from align.config import OnPolicyTrainConfig, config_to_dict, objective_params, reference_section
+from align.config import OnPolicyTrainConfig, config_to_dict
 from align.data import tokenize_prompts
 from align.io import atomic_save_figure, atomic_write_json, atomic_write_text
-from align.modeling import load_policy, load_tokenizer
+from align.modeling import load_tokenizer
 from align.prompts import load_prompts, prompts_source
 from align.rewards import RewardConfig, RewardFunction, load_callable_reward
-from align.train import check_output_dir, init_deepspeed_on_cpu, resume_point, save_final
+from align.train import build_policy_reference_objective, check_output_dir, init_deepspeed_on_cpu, resume_point, save_final
 
 logger = logging.getLogger("align.train_on_policy")
 
@@ -54,9 +54,8 @@ def train_on_policy(config: OnPolicyTrainConfig) -> dict:
 
     from align.objectives import FDPG  # noqa: F401  (registers fdpg)
     from align.onpolicy_trainer import OnPolicyTrainer, PromptDataset
-    from align.references import build_reference
     from align.targets import build_target
-    from align.trainer import disable_dropout, training_arguments
+    from align.trainer import training_arguments
 
     start = time.time()
     init_deepspeed_on_cpu(config.training)
@@ -80,13 +79,7 @@ def train_on_policy(config: OnPolicyTrainConfig) -> dict:
         check_can_run(config.model.name_or_path, engine_kwargs=config.rollout.engine_kwargs,
                       enable_sleep_mode=config.rollout.enable_sleep_mode)
 
-    policy = load_policy(config.model)
-    if config.disable_dropout:
-        disable_dropout(policy)
-    kind, params = reference_section(config.reference)
-    reference = build_reference(kind, params, policy=policy, model_config=config.model)
-    objective_cls, objective_config = objective_params(config.objective)
-    objective = objective_cls(objective_config, seed=config.seed)
+    policy, reference, objective = build_policy_reference_objective(config)
     target = build_target(config.target)
     rollout = _build_rollout(config, policy, tokenizer)
 
