@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from align.modeling import ModelConfig
 from align.prompts import PromptsConfig
 from align.rewards import RewardConfig
 from align.rollout.config import GenerationConfig, RolloutConfig
-from align.schema import _coerce, _type_hints, from_dict  # noqa: F401  (from_dict is re-exported)
+from align.schema import _coerce, _type_hints, from_dict
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -87,6 +88,10 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={
         "help": "Write into a training.output_dir that already holds files (by default refused, so that a finished "
                 "run is never overwritten; resuming with training.resume_from_checkpoint is always allowed)."})
+    resume_with_changed_parameters: bool = field(default=False, metadata={
+        "help": "Resume a checkpoint although the recipe's objective, reference or target parameters differ from "
+                "those it was written with (by default refused, naming each changed key: the resumed run would "
+                "mix two runs); the changes are logged as one warning."})
 
 
 @dataclass
@@ -139,6 +144,9 @@ class OnPolicyTrainConfig:
         "help": "Set every dropout probability to 0: sampler, policy and reference then score tokens alike."})
     overwrite: bool = field(default=False, metadata={
         "help": "Write into a training.output_dir that already holds files (refused by default; resuming is allowed)."})
+    resume_with_changed_parameters: bool = field(default=False, metadata={
+        "help": "Resume a checkpoint although the objective, reference or target parameters changed (refused by "
+                "default, naming each changed key; allowed with one warning listing the changes)."})
 
 
 #: objective family → the recipe's config class (`align.objectives.Objective.family`).
@@ -299,8 +307,11 @@ def installed_training_key(key: str) -> str | None:
 
 
 def training_arguments_kwargs(section: dict) -> dict:
-    """Checks the `training:` section's keys and simple types against `transformers.TrainingArguments`. Keys stay as
-    the recipe wrote them (`align.trainer.training_arguments` translates renamed ones)."""
+    """Checks the `training:` section against `transformers.TrainingArguments`: its keys, simple types, the ranges of
+    the values transformers, the optimizer or the dataloader would reject later (`check_training_values`), and then
+    everything `TrainingArguments.__post_init__` checks itself, by building one (`_build_for_validation`: no devices,
+    no process group, no folder). Every error is one ConfigError naming `training.<key>`. Keys stay as the recipe
+    wrote them (`align.trainer.training_arguments` translates renamed ones)."""
     from transformers import TrainingArguments
 
     hints = _type_hints(TrainingArguments)
@@ -308,9 +319,209 @@ def training_arguments_kwargs(section: dict) -> dict:
     for key, value in section.items():
         installed = installed_training_key(key)
         if installed is None:
+            if key == "warmup_ratio":  # removed in transformers 5: a common key of older recipes
+                raise ConfigError("training.warmup_ratio: not a transformers.TrainingArguments field (transformers 5 "
+                                  "reads a warmup_steps below 1 as a fraction of the steps: use warmup_steps: 0.1)")
             raise ConfigError(f"training.{key}: not a transformers.TrainingArguments field")
         out[key] = _coerce(value, hints.get(installed, Any), f"training.{key}")
+    check_training_values(out)
+    _build_for_validation(out)
     return out
+
+
+#: Where align's defaults differ from `transformers.TrainingArguments`; a recipe's `training:` keys win.
+#: (`align.trainer.ALIGN_TRAINING_DEFAULTS` is this dict.)
+ALIGN_TRAINING_DEFAULTS = {
+    "learning_rate": 1e-6,  # TRL's DPOConfig default; DPO-family losses diverge at SFT-like learning rates
+    "logging_steps": 10,
+    "report_to": "none",
+    "save_only_model": False,
+    # Mixed precision is decided in `training_kwargs` by the hardware: on CPU bf16 matmuls are emulated (~60x
+    # slower). Activation (gradient) checkpointing stays off unless a recipe sets `activation_checkpointing: true`
+    # (transformers >= 5 name; `gradient_checkpointing` is its deprecated alias): TRL 1.16 turns it on by default.
+}
+
+
+def training_kwargs(section: dict, *, seed: int) -> dict:
+    """The keyword arguments of `TrainingArguments` for a `training:` section: align's defaults under the recipe's
+    keys, renamed fields under the installed release's name, and the hardware's choices (precision, CPU backend).
+    `align.trainer.training_arguments` builds the real arguments from them; validation builds them too, so that both
+    see the same values."""
+    import os
+
+    import torch
+
+    # Renamed fields (activation_checkpointing in the newest transformers, gradient_checkpointing in 5.19) are passed
+    # under the installed release's name, so one recipe runs from transformers 5.16 to the newest.
+    kwargs = {**ALIGN_TRAINING_DEFAULTS, "seed": seed, **section}
+    kwargs = {installed_training_key(key) or key: value for key, value in kwargs.items()}
+    on_gpu = torch.cuda.is_available()
+    if not kwargs.get("fp16") and "bf16" not in kwargs:
+        kwargs["bf16"] = on_gpu and torch.cuda.is_bf16_supported()
+    if not on_gpu:
+        # Without `use_cpu`, accelerate picks no process-group backend on a GPU-less machine and a torchrun job
+        # (DDP or DeepSpeed) runs as N copies of world size 1, with DeepSpeed's "auto" batch sizes wrong by N.
+        kwargs.setdefault("use_cpu", True)
+        kwargs.setdefault("dataloader_pin_memory", False)  # pinned memory only helps host-to-GPU copies
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            kwargs.setdefault("ddp_backend", "gloo")
+    kwargs["remove_unused_columns"] = False  # our batches are built by SharedPromptCollator, not by column names
+    return kwargs
+
+
+def _number(section: dict, key: str, condition, requirement: str) -> None:
+    value = section.get(key)
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"training.{key}: must be a finite number, got {value}")
+    if not condition(value):
+        raise ConfigError(f"training.{key}: {requirement}, got {value}")
+
+
+def _strategy(section: dict, key: str, default: str) -> str:
+    value = section.get(key, default)
+    return str(getattr(value, "value", value))
+
+
+#: Enumerated `TrainingArguments` fields → (module, enum class) whose values they take.
+_TRAINING_ENUMS = {
+    "eval_strategy": ("transformers.trainer_utils", "IntervalStrategy"),
+    "logging_strategy": ("transformers.trainer_utils", "IntervalStrategy"),
+    "save_strategy": ("transformers.trainer_utils", "SaveStrategy"),
+    "hub_strategy": ("transformers.trainer_utils", "HubStrategy"),
+    "lr_scheduler_type": ("transformers.trainer_utils", "SchedulerType"),
+    "optim": ("transformers.training_args", "OptimizerNames"),
+}
+
+
+def check_training_values(section: dict) -> None:
+    """The values of a `training:` section that `TrainingArguments` accepts but training would die on (a 35-line
+    traceback from the optimizer, the dataloader or the scheduler) or silently misread (a save_total_limit of 0 keeps
+    every checkpoint): one ConfigError naming the key. Keys absent from `section` take transformers' defaults, which
+    are valid."""
+    import importlib
+
+    for key, (module, name) in _TRAINING_ENUMS.items():
+        value = section.get(key)
+        if value is None:
+            continue
+        enum = getattr(importlib.import_module(module), name)
+        try:
+            enum(value)
+        except ValueError:
+            raise ConfigError(f"training.{key}: must be one of {', '.join(m.value for m in enum)}, got {value!r}"
+                              ) from None
+
+    # torch.optim rejects these when the optimizer is built (after the model is loaded).
+    _number(section, "learning_rate", lambda v: v >= 0, "must be >= 0")
+    _number(section, "weight_decay", lambda v: v >= 0, "must be >= 0")
+    _number(section, "adam_beta1", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _number(section, "adam_beta2", lambda v: 0 <= v < 1, "must be in [0, 1)")
+    _number(section, "adam_epsilon", lambda v: v >= 0, "must be >= 0")
+    # transformers clips only when max_grad_norm > 0: a negative value would silently turn clipping off.
+    _number(section, "max_grad_norm", lambda v: v >= 0, "must be >= 0 (0 turns gradient clipping off)")
+    # The dataloader and the step arithmetic.
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "eval_accumulation_steps"):
+        _number(section, key, lambda v: v >= 1, "must be >= 1")
+    _number(section, "dataloader_num_workers", lambda v: v >= 0, "must be >= 0")
+    # transformers trains for num_train_epochs unless max_steps > 0; max_steps 0 would silently mean "epochs".
+    _number(section, "max_steps", lambda v: v == -1 or v >= 1,
+            "must be a positive number of optimizer steps, or -1 to train for num_train_epochs")
+    if section.get("max_steps", -1) < 1:
+        _number(section, "num_train_epochs", lambda v: v > 0, "must be > 0 (or set training.max_steps > 0)")
+    # Below 1 a fraction of the training steps; from 1 on a number of steps, which transformers truncates to an int.
+    _number(section, "warmup_steps", lambda v: v >= 0 and (v < 1 or v == int(v)),
+            "must be a fraction of the training steps in [0, 1) or a whole number of steps >= 1")
+    # transformers keeps every checkpoint for a limit <= 0: never what 0 asks for.
+    _number(section, "save_total_limit", lambda v: v >= 1, "must be >= 1 (null keeps every checkpoint)")
+    # Interval steps, where their strategy uses them: below 1 a fraction of the training steps, else a whole number.
+    # (An unset eval_steps falls back to logging_steps.)
+    for key, strategy, default in (("logging_steps", "logging_strategy", "steps"),
+                                   ("save_steps", "save_strategy", "steps"),
+                                   ("eval_steps", "eval_strategy", "no")):
+        if _strategy(section, strategy, default) != "steps":
+            continue
+        _number(section, key, lambda v: v > 0 and (v < 1 or v == int(v)),
+                f"must be > 0 with {strategy} steps (a fraction of the training steps below 1, else a whole number "
+                "of steps)")
+    if section.get("tf32"):
+        from transformers.utils import is_torch_tf32_available
+
+        if not is_torch_tf32_available():
+            raise ConfigError("training.tf32: needs an Ampere or newer NVIDIA GPU; remove it or set it to false")
+
+
+#: Fields left out of the `TrainingArguments` that validation builds, because processing them changes global state:
+#: `deepspeed` registers a process-wide DeepSpeed config and reads the world size (which starts accelerate's
+#: distributed state), `tf32` and `torch_compile*` switch torch's TF32 matmuls on or off. The real arguments
+#: (`align.trainer.training_arguments`) check them.
+_NOT_BUILT_IN_VALIDATION = ("deepspeed", "tf32", "torch_compile", "torch_compile_backend", "torch_compile_mode")
+
+
+@functools.cache
+def _validation_arguments_class():
+    from transformers import TrainingArguments
+
+    class ValidationTrainingArguments(TrainingArguments):
+        """`TrainingArguments` whose `__post_init__` checks everything but sets up no device: its `device` property
+        would create accelerate's `PartialState`, which under torchrun starts the process group (and with DeepSpeed
+        in the environment, DeepSpeed's) — things a config check must not do."""
+
+        @property
+        def device(self):
+            import torch
+
+            return torch.device("cpu")
+
+    return ValidationTrainingArguments
+
+
+def _build_for_validation(section: dict) -> None:
+    """Builds `TrainingArguments` from `section` as training will (`training_kwargs`), without its side effects:
+    no device or distributed setup, no global DeepSpeed or TF32 state, environment variables restored, no output
+    folder (transformers only records the path). Its errors become one ConfigError naming the key."""
+    import logging
+    import os
+    import warnings
+
+    kwargs = training_kwargs(section, seed=0)
+    kwargs.setdefault("output_dir", "unused-by-validation")  # required when training, checked there
+    for key in _NOT_BUILT_IN_VALIDATION:
+        kwargs.pop(key, None)
+    environ = dict(os.environ)  # fsdp writes FSDP_CPU_RAM_EFFICIENT_LOADING, torch_compile ACCELERATE_DYNAMO_*
+    transformers_logger = logging.getLogger("transformers")
+    level = transformers_logger.level
+    try:
+        # Its infos and warnings ("using logging_steps to initialize eval_steps") come once, from the real build.
+        transformers_logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _validation_arguments_class()(**kwargs)
+    except (ValueError, TypeError, NotImplementedError, OSError) as e:
+        raise training_error(e, section) from None
+    finally:
+        transformers_logger.setLevel(level)
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        for key, value in environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
+
+
+def training_error(error: Exception, section: dict) -> ConfigError:
+    """An error raised by `TrainingArguments` as one ConfigError line naming the key it is about: the first of the
+    recipe's `training:` keys (or, failing that, of any field) that the message names."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    if "AcceleratorConfig" in message:  # built from the accelerator_config mapping; its errors name the class
+        return ConfigError(f"training.accelerator_config: {message}")
+    recipe_keys = {installed_training_key(key) or key: key for key in section}
+    candidates = [*recipe_keys, *sorted(_training_fields() - set(recipe_keys))]
+    for field_name in sorted(candidates, key=lambda name: (name not in recipe_keys, -len(name))):
+        if re.search(rf"(?<![A-Za-z0-9_]){re.escape(field_name)}(?![A-Za-z0-9_])", message):
+            return ConfigError(f"training.{recipe_keys.get(field_name, field_name)}: {message}")
+    return ConfigError(f"training: {message}")
 
 
 def config_to_dict(config) -> dict:

@@ -2,6 +2,7 @@
 
 import copy
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -134,10 +135,10 @@ def test_override_through_a_scalar_is_refused():
 
 def test_exponent_without_dot_is_a_float():
     # YAML 1.2 floats: PyYAML's YAML 1.1 would read 1e-3 as a string
-    config = load("training.learning_rate=1e-3", "objective.beta=2E-1", "training.weight_decay=-1e-2")
+    config = load("training.learning_rate=1e-3", "objective.beta=2E-1", "training.weight_decay=+1e-2")
     assert config.training["learning_rate"] == 1e-3 and type(config.training["learning_rate"]) is float
     assert config.objective["beta"] == 0.2
-    assert config.training["weight_decay"] == -0.01
+    assert config.training["weight_decay"] == 0.01
 
 
 def test_yaml_1_2_booleans_in_files_and_overrides(tmp_path):
@@ -399,11 +400,127 @@ def test_training_section_types_are_checked_against_training_arguments():
         training_arguments_kwargs({"per_device_train_batch_size": 4.5})
 
 
-def test_invalid_training_value_is_caught_when_arguments_are_built():
+def test_invalid_training_value_is_named_when_arguments_are_built_without_validation(tmp_path):
+    # Callers that build the arguments from a section directly (reward-model defaults, tests) get the named line too.
     from align.trainer import training_arguments
 
-    config = load("training.lr_scheduler_type=sometimes")
-    with pytest.raises(ConfigError) as info:
-        training_arguments(training_arguments_kwargs(config.training), seed=0)
-    assert str(info.value).startswith("training: ")
-    assert "sometimes" in str(info.value)
+    section = {"output_dir": str(tmp_path / "out")}
+    with pytest.raises(ConfigError, match=r"^training\.lr_scheduler_type: must be one of linear, .*'sometimes'$"):
+        training_arguments({**section, "lr_scheduler_type": "sometimes"}, seed=0)
+    with pytest.raises(ConfigError, match=r"^training\.dataloader_prefetch_factor: .*dataloader_num_workers > 0"):
+        training_arguments({**section, "dataloader_prefetch_factor": 2}, seed=0)
+    assert not (tmp_path / "out").exists()
+
+
+# --- every training value is checked before anything loads (issue 12) -------------------------------------------
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def cli_error(tmp_path, capsys, config: str, *overrides: str, command=("train",)) -> str:
+    """`align <command> --config <config> ...` in-process: exit 2, one stderr line, no output folder; → that line."""
+    from align.cli import main
+
+    out = tmp_path / "out"
+    status = main([*command, "--config", str(CONFIGS / config), *overrides, f"training.output_dir={out}"])
+    stderr = capsys.readouterr().err
+    assert status == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert not out.exists()
+    return lines[0]
+
+
+BAD_TRAINING_VALUES = [
+    # (overrides, the key named, words of the message)
+    (["training.learning_rate=-1"], "learning_rate", "must be >= 0, got -1"),
+    (["training.learning_rate=.nan"], "learning_rate", "must be a finite number"),
+    (["training.per_device_train_batch_size=0"], "per_device_train_batch_size", "must be >= 1, got 0"),
+    (["training.per_device_eval_batch_size=-2"], "per_device_eval_batch_size", "must be >= 1"),
+    (["training.gradient_accumulation_steps=0"], "gradient_accumulation_steps", "must be >= 1"),
+    (["training.eval_accumulation_steps=0"], "eval_accumulation_steps", "must be >= 1"),
+    (["training.dataloader_num_workers=-1"], "dataloader_num_workers", "must be >= 0"),
+    (["training.num_train_epochs=0"], "num_train_epochs", "must be > 0 (or set training.max_steps > 0)"),
+    (["training.num_train_epochs=-1", "training.max_steps=-1"], "num_train_epochs", "must be > 0"),
+    (["training.max_steps=0"], "max_steps", "or -1 to train for num_train_epochs, got 0"),
+    (["training.max_steps=-5"], "max_steps", "must be a positive number"),
+    (["training.warmup_steps=-1"], "warmup_steps", "got -1"),
+    (["training.warmup_steps=2.5"], "warmup_steps", "a whole number of steps >= 1, got 2.5"),
+    (["training.warmup_ratio=0.1"], "warmup_ratio", "use warmup_steps: 0.1"),
+    (["training.weight_decay=-0.1"], "weight_decay", "must be >= 0"),
+    (["training.max_grad_norm=-1"], "max_grad_norm", "must be >= 0 (0 turns gradient clipping off)"),
+    (["training.adam_beta1=1"], "adam_beta1", "must be in [0, 1), got 1"),
+    (["training.adam_beta2=-0.1"], "adam_beta2", "must be in [0, 1)"),
+    (["training.adam_epsilon=-1e-8"], "adam_epsilon", "must be >= 0"),
+    (["training.logging_steps=0"], "logging_steps", "must be > 0 with logging_strategy steps"),
+    (["training.save_strategy=steps", "training.save_steps=0"], "save_steps", "must be > 0 with save_strategy steps"),
+    (["training.save_strategy=steps", "training.save_steps=2.5"], "save_steps", "else a whole number of steps"),
+    (["training.eval_strategy=steps", "training.eval_steps=-1"], "eval_steps", "must be > 0 with eval_strategy"),
+    (["training.save_total_limit=0"], "save_total_limit", "must be >= 1 (null keeps every checkpoint)"),
+    (["training.lr_scheduler_type=sometimes"], "lr_scheduler_type", "must be one of linear, cosine"),
+    (["training.optim=sgdd"], "optim", "must be one of"),
+    (["training.save_strategy=sometimes"], "save_strategy", "must be one of"),
+    # Checked by TrainingArguments.__post_init__ itself, built during validation:
+    (["training.dataloader_prefetch_factor=2"], "dataloader_prefetch_factor", "dataloader_num_workers > 0"),
+    (["training.torch_empty_cache_steps=0"], "torch_empty_cache_steps", "must be an integer bigger than 0"),
+    (["training.lr_scheduler_type=reduce_lr_on_plateau"], "lr_scheduler_type", "requires an eval strategy"),
+    (["training.eval_strategy=steps", "training.load_best_model_at_end=true"], "load_best_model_at_end",
+     "requires the save and eval strategy to match"),
+    (["training.fp16=true", "training.bf16=true"], "fp16", "At most one of fp16 and bf16"),
+    (["training.accelerator_config={bogus: 1}"], "accelerator_config", "bogus"),
+]
+
+
+@pytest.mark.parametrize("overrides, key, words", BAD_TRAINING_VALUES,
+                         ids=[" ".join(o).replace("training.", "") for o, _, _ in BAD_TRAINING_VALUES])
+def test_bad_training_value_is_one_line_naming_the_key(tmp_path, capsys, overrides, key, words):
+    line = cli_error(tmp_path, capsys, "quickstart.yaml", *overrides)
+    assert line.startswith(f"align: error: {CONFIGS / 'quickstart.yaml'}: training.{key}: "), line
+    assert words in line, line
+
+
+def test_on_policy_and_reward_model_recipes_check_training_values_too(tmp_path, capsys):
+    line = cli_error(tmp_path, capsys, "fdpg-toy.yaml", "training.per_device_train_batch_size=0")
+    assert ": training.per_device_train_batch_size: must be >= 1, got 0" in line
+    line = cli_error(tmp_path, capsys, "rm/toy-ensemble.yaml", "training.learning_rate=-1", command=("rm", "train"))
+    assert ": training.learning_rate: must be >= 0, got -1" in line
+
+
+@pytest.mark.parametrize("overrides", [
+    ["training.learning_rate=0"],                                       # a frozen run is allowed by torch
+    ["training.warmup_steps=0.1"], ["training.warmup_steps=5"], ["training.warmup_steps=0"],
+    ["training.num_train_epochs=0", "training.max_steps=3"],            # max_steps wins over epochs
+    ["training.save_strategy=steps", "training.save_steps=0.25"],       # a fraction of the training steps
+    ["training.save_steps=0"],                                          # unused: save_strategy is "no"
+    ["training.eval_strategy=steps"],                                   # eval_steps falls back to logging_steps
+    ["training.max_grad_norm=0", "training.save_total_limit=1", "training.adam_beta1=0"],
+    ["training.save_total_limit=null", "training.eval_steps=null"],
+], ids=lambda o: " ".join(o).replace("training.", ""))
+def test_training_values_that_train_are_accepted(overrides):
+    config = load_train_config(CONFIGS / "quickstart.yaml", overrides)
+    for item in overrides:
+        key, _, _ = item.partition("=")
+        assert key.split(".")[1] in config.training
+
+
+def test_validation_builds_training_arguments_without_devices_folders_or_environment(tmp_path, monkeypatch):
+    """The arguments validation builds set up no device: accelerate's PartialState (under torchrun, the process
+    group) is created by `TrainingArguments.device`, which only training may call. Nor do they create output_dir or
+    leave environment variables behind (fsdp writes one)."""
+    import os
+
+    from transformers import TrainingArguments
+
+    def no_devices(self):
+        raise AssertionError("validation set up devices (accelerate's distributed state)")
+
+    monkeypatch.setattr(TrainingArguments, "_setup_devices", property(no_devices))
+    environ = dict(os.environ)
+    section = {"output_dir": str(tmp_path / "out"), "fsdp": "full_shard", "eval_strategy": "steps",
+               "deepspeed": str(tmp_path / "ds.json"), "tf32": False}
+    assert training_arguments_kwargs(section) == section
+    assert dict(os.environ) == environ
+    assert not (tmp_path / "out").exists()
+    # ... while building the real arguments does set up the device (which is why validation must not).
+    with pytest.raises(AssertionError, match="validation set up devices"):
+        TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True)
