@@ -17,6 +17,15 @@ is taken character by character, so it can end inside a word — a warning count
 system, user, assistant, tool, and contents must be non-empty strings. Every problem with a row is one `DataError`
 naming the file, the 1-based row number and the field (message fields as `chosen[1].role`, 0-based message index).
 
+Files and checks
+----------------
+`.json`/`.jsonl` (a JSON list of row objects, or one object per line), `.csv` (a header line, then one row per
+line), `.parquet`, a `save_to_disk` folder or a Hub dataset, read with `datasets`. A file that cannot be read is one
+`DataError` naming the file and the line (`bad.jsonl: line 7: not valid JSON (...)`, a line that is not an object,
+a CSV line with the wrong number of fields) or saying what is wrong with it as a whole (empty, not Parquet, an object
+wrapping the rows as `{"train": [...]}`). `check_preference_data` reads and validates the rows without a tokenizer, so
+a recipe can report bad data before it loads a model; `build_preference_dataset(..., checked=)` then tokenizes them.
+
 Tokens
 ------
 - prompt: as TRL 1.16 tokenizes it. A text prompt gets the tokenizer's own special tokens (`add_special_tokens=True`:
@@ -47,7 +56,9 @@ row is a `DataError`.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -154,12 +165,7 @@ def load_rows(source: str, split: str = "train") -> tuple[Any, str]:
                                               f"{', '.join(FILE_BUILDERS)} or a save_to_disk folder")
         if split != "train":
             raise DataError(name, None, None, f"split {split!r} not found: a single file has only the split 'train'")
-        try:
-            # The "Generating train split" bar of a first read is noise next to our own one-line report.
-            with _datasets_progress_off():
-                return datasets.load_dataset(builder, data_files=str(path), split="train"), name
-        except Exception as e:  # malformed JSON/CSV/parquet; the reader's message says where
-            raise DataError(name, None, None, f"could not be read as {builder}: {_one_line(e)}") from None
+        return _load_file(path, builder, name), name
     if path.suffix.lower() in FILE_BUILDERS or not _HUB_ID.match(source):
         raise DataError(name, None, None, "file not found")
     try:
@@ -169,7 +175,7 @@ def load_rows(source: str, split: str = "train") -> tuple[Any, str]:
             raise DataError(name, None, None, f"could not be loaded from the Hub: {_one_line(e)}") from None
         # datasets' message lists the available splits
         raise DataError(name, None, None, f"split {split!r} not found ({_one_line(e)})") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  (whatever the Hub or the builder raised, as one line)
         raise DataError(name, None, None, f"is neither a local file or folder nor a dataset that could be loaded "
                                           f"from the Hub ({type(e).__name__}: {_one_line(e)})") from None
 
@@ -191,6 +197,236 @@ def _pick_split(loaded, split: str, name: str):
 def _one_line(error: Exception) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local files. `datasets` reads them (fast Arrow readers, cached, constant memory for large JSONL/Parquet), but when
+# it fails it says where only inside a chunk ("in row 2" of some block), logs its own ERROR line, and reports an
+# empty file as a bare StopIteration. So a file that `datasets` cannot read is read again here, line by line with the
+# standard library, only to find and name the first bad line; the slow Python pass is paid on failure only, never on
+# a good large file. CSV is the exception, scanned before every read (see `_scan_csv`).
+
+EMPTY = "file is empty (no rows)"
+
+
+def _load_file(path: Path, builder: str, name: str):
+    """One local data file as a `datasets.Dataset`, or a one-line DataError naming the file and the line/row."""
+    import datasets
+
+    if path.stat().st_size == 0:  # `datasets` would raise a bare StopIteration
+        raise DataError(name, None, None, EMPTY)
+    if builder == "csv":
+        _scan_csv(path, name)
+    try:
+        # The "Generating train split" bar of a first read is noise next to our own one-line report, and so is the
+        # ERROR line `datasets` logs before raising (its problem is reported below, with the line).
+        with _datasets_progress_off(), _datasets_quiet():
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001  (readers raise many types: ArrowInvalid, ParserError, ValueError…)
+        if builder == "json":
+            _scan_json(path, name)
+        elif builder == "parquet":
+            _scan_parquet(path, name)
+        # Nothing found by the scan (e.g. an int in one row and a string in another): the innermost reason.
+        raise DataError(name, None, None, f"could not be read as {builder}: {_root_cause(e)}") from None
+    if len(rows) == 0:
+        raise DataError(name, None, None, EMPTY)
+    if builder == "json":
+        _check_json_shape(path, rows, name)
+    return rows
+
+
+@contextlib.contextmanager
+def _datasets_quiet():
+    # Only the level of the `datasets` logger: a record below it is dropped where it is made, in any child logger.
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(level)
+
+
+def _root_cause(error: BaseException) -> str:
+    # `datasets` wraps reader errors in "An error occurred while generating the dataset"; the cause says what.
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {_one_line(error)}" if not str(error).strip() else _one_line(error)
+
+
+def _json_kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _not_an_object(value) -> str:
+    return f"is {_json_kind(value)}, not a JSON object with the row's fields"
+
+
+def _wrapped_rows(value) -> list[str]:
+    """The keys of an object that holds lists of rows rather than being a row: `{"train": [{...}, ...]}`."""
+    if not isinstance(value, dict) or not value:
+        return []
+    keys = [k for k, v in value.items() if isinstance(v, list) and v and isinstance(v[0], dict) and not is_messages(v)]
+    return keys if len(keys) == len(value) else []
+
+
+def _wrapped_problem(keys: list[str]) -> str:
+    return (f"is one JSON object whose {', '.join(repr(k) for k in keys)} holds a list of rows; the file must be a "
+            f"JSON list of row objects ([{{...}}, {{...}}]) or one object per line (.jsonl)")
+
+
+def _json_error(error: json.JSONDecodeError, line: int | None = None) -> str:
+    return f"line {line or error.lineno}: not valid JSON ({error.msg}: column {error.colno})"
+
+
+def _first_char(path: Path) -> bytes:
+    """The first byte of `path` that is not whitespace or a UTF-8 byte-order mark (b"" for a blank file)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        while head:
+            text = head.removeprefix(codecs.BOM_UTF8).lstrip()
+            if text:
+                return text[:1]
+            head = f.read(1 << 16)
+    return b""
+
+
+def read_json_records(path: Path, name: str):
+    """Yields (row number, object) for each row of a JSON file: a JSON list of objects (row = 1-based position) or
+    one object per line, blank lines allowed (row = line number). As `datasets` does, the layout comes from the first
+    character (`[` or not), whatever the extension. Every problem is a one-line DataError naming the line or row:
+    bad JSON, a row that is not an object, an object that wraps the rows (`{"train": [...]}`), no rows at all."""
+    first = _first_char(path)
+    if not first:
+        raise DataError(name, None, None, EMPTY)
+    if first == b"[":
+        data = path.read_bytes()
+        try:
+            rows = json.loads(data.decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise DataError(name, None, None, f"line {line}: is not UTF-8 text ({e.reason})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(name, None, None, _json_error(e)) from None
+        if not rows:
+            raise DataError(name, None, None, EMPTY)
+        for row, value in enumerate(rows, start=1):
+            if not isinstance(value, dict):
+                raise DataError(name, row, None, _not_an_object(value))
+            yield row, value
+        return
+    seen = False
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(name, None, None, f"line {line_number}: is not UTF-8 text ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))  # without its newline, an error's column is on this line
+            except json.JSONDecodeError as e:
+                # A first line that opens a structure and stops (`{`, `{"train": [`) starts a pretty-printed object;
+                # one that stops elsewhere is a broken row, reported as such.
+                if not seen and line.lstrip().startswith("{") and line.rstrip().endswith(("{", "[", ",")):
+                    _multiline_object(path, name)
+                raise DataError(name, None, None, _json_error(e, line_number)) from None
+            if not isinstance(value, dict):
+                raise DataError(name, None, None, f"line {line_number}: {_not_an_object(value)} (one object per "
+                                                  f"line)")
+            if not seen and _wrapped_rows(value):
+                raise DataError(name, None, None, _wrapped_problem(_wrapped_rows(value)))
+            seen = True
+            yield line_number, value
+    if not seen:
+        raise DataError(name, None, None, EMPTY)
+
+
+def _multiline_object(path: Path, name: str):
+    """The first line of a JSON-lines file is not JSON on its own: the file may be one object over several lines
+    (pretty-printed), which is a clearer thing to report than line 1 (and a syntax error in it has the right line)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        return
+    except json.JSONDecodeError as e:
+        raise DataError(name, None, None, _json_error(e)) from None
+    keys = _wrapped_rows(value)
+    if keys:
+        raise DataError(name, None, None, _wrapped_problem(keys))
+    raise DataError(name, None, None, f"is {_json_kind(value)} spread over several lines; the file must be a JSON "
+                                      f"list of row objects or one object per line (.jsonl)")
+
+
+def _scan_json(path: Path, name: str):
+    for _ in read_json_records(path, name):
+        pass
+
+
+def _check_json_shape(path: Path, rows, name: str):
+    # Layouts that `datasets` reads without complaint but that do not hold rows; both checks look at one row or the
+    # first bytes, so a good file pays nothing. A JSON list of strings or numbers becomes a `text` column:
+    if rows.column_names == ["text"] and _first_char(path) == b"[" and not isinstance(rows[0]["text"], dict):
+        with open(path, "rb") as f:
+            head = f.read(200).lstrip(codecs.BOM_UTF8 + b" \t\r\n")[1:].lstrip()
+        if not head.startswith(b"{"):
+            _scan_json(path, name)
+    # One object holding the rows in a field, `{"train": [...]}`, becomes one row with a `train` column:
+    if len(rows) == 1:
+        keys = _wrapped_rows(rows[0])
+        if keys:
+            raise DataError(name, None, None, _wrapped_problem(keys))
+
+
+def _scan_csv(path: Path, name: str):
+    """Checks the CSV layout before `datasets` (pandas) reads it: pandas fills a row with too few fields with nulls
+    (seen later as "field 'rejected' is missing" with a row number one off the line) and reports a row with too many
+    only by a block-relative line. Preference CSVs are small next to JSONL/Parquet dumps, so one streaming pass with
+    the csv module (constant memory) is cheap here, and it names the line a user opens in an editor."""
+    import csv
+
+    def lines(f):
+        for number, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(name, None, None, f"line {number}: is not UTF-8 text ({e.reason})") from None
+
+    with open(path, "rb") as f:
+        reader = csv.reader(lines(f))
+        header, data_rows = None, 0
+        try:
+            for record in reader:
+                if not record or not any(cell.strip() for cell in record):  # pandas skips blank lines too
+                    continue
+                if header is None:
+                    header = record
+                    header_line = reader.line_num
+                    continue
+                if len(record) != len(header):
+                    raise DataError(name, None, None, f"line {reader.line_num}: has {len(record)} fields but the "
+                                                      f"header (line {header_line}) has {len(header)}")
+                data_rows += 1
+        except csv.Error as e:
+            raise DataError(name, None, None, f"line {reader.line_num}: not valid CSV ({e})") from None
+    if header is None:
+        raise DataError(name, None, None, EMPTY)
+    if not data_rows:
+        raise DataError(name, None, None, f"{EMPTY}: only the header line")
+
+
+def _scan_parquet(path: Path, name: str):
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except Exception as e:  # noqa: BLE001  (not Parquet, truncated, corrupt footer: pyarrow's types vary)
+        raise DataError(name, None, None, f"could not be read as parquet ({_root_cause(e)})") from None
+    if rows == 0:
+        raise DataError(name, None, None, EMPTY)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -350,6 +586,24 @@ def validate_preference_row(example: dict, fmt: PreferenceFormat, *, source: str
     return out
 
 
+@dataclass
+class CheckedRows:
+    """Validated preference rows (`validate_preference_row`'s `{"prompt", "chosen", "rejected"}` dicts, prompt
+    extracted if implicit), their format and the name errors use. Only a tokenizer is missing to train on them."""
+
+    source: str
+    rows: list[dict]
+    format: PreferenceFormat
+
+
+def check_preference_rows(rows, *, source: str) -> CheckedRows:
+    """`validate_preference_rows`, plus the warnings that need no tokenizer (implicit text prompts cut mid-word)."""
+    checked, fmt = validate_preference_rows(rows, source=source)
+    if not fmt.conversational and not fmt.explicit_prompt:
+        _warn_mid_word_prompts(checked, source)
+    return CheckedRows(source=source, rows=checked, format=fmt)
+
+
 def validate_preference_rows(rows, *, source: str) -> tuple[list[dict], PreferenceFormat]:
     """Checks every row (a `datasets.Dataset` or a list of dicts) → (validated rows, the dataset's format)."""
     if hasattr(rows, "select_columns"):  # datasets.Dataset: read only the columns we use, as plain Python
@@ -481,7 +735,7 @@ def _render(rows: list[dict], fmt: PreferenceFormat, tokenizer, source: str) -> 
     for i, example in enumerate(rows, start=1):
         try:
             texts = maybe_apply_chat_template(example, tokenizer)
-        except Exception as e:  # jinja errors raised by the model's own template (e.g. role alternation)
+        except Exception as e:  # noqa: BLE001  (jinja errors raised by the model's own template, e.g. role alternation)
             raise DataError(source, i, None, f"the chat template failed: {_one_line(e)}") from None
         # See the module docstring: the end-of-turn marker, not the whitespace after it, ends the completion.
         rendered.append({"prompt": texts["prompt"], "chosen": texts["chosen"].rstrip(),
@@ -503,12 +757,20 @@ def tokenize_preference_rows(rows, tokenizer, *, source: str = "<rows>", max_len
                              ) -> tuple[PreferenceDataset, LengthReport]:
     """Validates, renders and tokenizes preference rows (a `datasets.Dataset` or a list of dicts) and applies the
     length policy of the module docstring. `source` names the rows in errors and in the report."""
+    _check_length_policy(length_policy)
+    return _tokenize_checked(check_preference_rows(rows, source=source), tokenizer, max_length=max_length,
+                             max_prompt_length=max_prompt_length, length_policy=length_policy)
+
+
+def _check_length_policy(length_policy: str):
     if length_policy not in LENGTH_POLICIES:
         raise ConfigError(f"data.length_policy: must be one of {', '.join(LENGTH_POLICIES)}, got {length_policy!r}")
-    checked, fmt = validate_preference_rows(rows, source=source)
-    if not fmt.conversational and not fmt.explicit_prompt:
-        _warn_mid_word_prompts(checked, source)
-    texts = _render(checked, fmt, tokenizer, source)
+
+
+def _tokenize_checked(checked: CheckedRows, tokenizer, *, max_length: int | None, max_prompt_length: int | None,
+                      length_policy: str) -> tuple[PreferenceDataset, LengthReport]:
+    source, fmt = checked.source, checked.format
+    texts = _render(checked.rows, fmt, tokenizer, source)
 
     # TRL 1.16 tokenizes a text prompt with the tokenizer's special tokens and a templated one without (the template
     # holds them); completions never get any.
@@ -579,10 +841,47 @@ def load_config_rows(config: DataConfig, which: str = "train") -> tuple[Any, str
     return load_rows(source, split)
 
 
-def build_preference_dataset(config: DataConfig, tokenizer, which: str = "train",
-                             ) -> tuple[PreferenceDataset, LengthReport]:
-    """Loads and tokenizes the `which` ("train" or "eval") data of `config`."""
-    rows, name = load_config_rows(config, which)
-    return tokenize_preference_rows(rows, tokenizer, source=name, max_length=config.max_length,
-                                    max_prompt_length=config.max_prompt_length,
-                                    length_policy=config.length_policy)
+@dataclass
+class CheckedData:
+    """The preference rows of a `DataConfig`, read and validated (`check_preference_data`): `eval` is None when
+    the config has no eval data."""
+
+    train: CheckedRows
+    eval: CheckedRows | None = None
+
+
+def check_preference_data(config: DataConfig) -> CheckedData:
+    """Reads and validates the train (and eval, if set) preference data of `config`, without a tokenizer: every
+    problem a file or row can have short of tokenization (unreadable file, missing field, wrong type, unknown chat
+    role, mixed formats) is raised here as one `DataError`. A recipe calls it before loading the tokenizer and model,
+    so that a bad file is reported in seconds, then hands the result to `build_preference_dataset(..., checked=)`,
+    which then reads and checks nothing again."""
+    def read(which: str) -> CheckedRows:
+        rows, name = load_config_rows(config, which)
+        return check_preference_rows(rows, source=name)
+
+    return CheckedData(train=read("train"), eval=read("eval") if config.eval is not None else None)
+
+
+def build_preference_dataset(config: DataConfig, tokenizer, which: str = "train", *,
+                             checked: CheckedData | None = None) -> tuple[PreferenceDataset, LengthReport]:
+    """Loads and tokenizes the `which` ("train" or "eval") data of `config`. With `checked` (from
+    `check_preference_data(config)`) the rows it holds are tokenized and the files are not read again."""
+    if checked is None:
+        rows, name = load_config_rows(config, which)
+        ready = check_preference_rows(rows, source=name)
+    elif which == "train":
+        ready = checked.train
+    elif which == "eval":
+        if checked.eval is None:
+            raise ConfigError("data.eval: is not set, so there is no evaluation data to build")
+        ready = checked.eval
+    else:
+        raise ValueError(f"which must be 'train' or 'eval', got {which!r}")
+    if checked is not None and ready.source != (config.train if which == "train" else config.eval):
+        # A programming error (rows checked for another config), not a user's: tokenizing them would train on the
+        # wrong data without a word.
+        raise ValueError(f"checked {which} rows are from {ready.source!r}, not from this config's data.{which}")
+    _check_length_policy(config.length_policy)
+    return _tokenize_checked(ready, tokenizer, max_length=config.max_length,
+                             max_prompt_length=config.max_prompt_length, length_policy=config.length_policy)

@@ -198,16 +198,167 @@ def test_unreadable_files(tmp_path):
     with pytest.raises(DataError, match=r"prefs.txt: unsupported file type '.txt'"):
         load_rows(str(tmp_path / "prefs.txt"))
     (tmp_path / "broken.jsonl").write_text('{"chosen": "a", "rejected": \n')
-    with pytest.raises(DataError, match=r"broken.jsonl: could not be read as json"):
+    with pytest.raises(DataError, match=r"broken.jsonl: line 1: not valid JSON \(Expecting value: column 29\)$"):
         load_rows(str(tmp_path / "broken.jsonl"))
     (tmp_path / "folder").mkdir()
     with pytest.raises(DataError, match=r"folder: folder is not a `datasets.save_to_disk` folder"):
         load_rows(str(tmp_path / "folder"))
 
 
+GOOD_LINE = json.dumps({"prompt": "describe the movie .", "chosen": "it was great .", "rejected": "it was bad ."})
+CSV_HEADER = "prompt,chosen,rejected\n"
+NOT_AN_OBJECT = "not a JSON object with the row's fields"
+WRAPPED = ("is one JSON object whose 'train' holds a list of rows; the file must be a JSON list of row objects "
+           "([{...}, {...}]) or one object per line (.jsonl)")
+
+
+def _parquet_bytes(tmp_path, truncate: bool) -> bytes:
+    path = tmp_path / "good.parquet"
+    datasets.Dataset.from_list([json.loads(GOOD_LINE)] * 4).to_parquet(str(path))
+    data = path.read_bytes()
+    return data[:len(data) // 2] if truncate else b"PAR1 this is not a parquet file"
+
+
+# (file name, contents, the message after "<path>: "). Each is a mistake a user makes by hand or with a broken export.
+MALFORMED_FILES = [
+    ("bad.jsonl", "\n".join([GOOD_LINE] * 6 + ['{"prompt": "p" "chosen": "a", "rejected": "b"}', GOOD_LINE]),
+     "line 7: not valid JSON (Expecting ',' delimiter: column 16)"),
+    # a blank line is skipped but still counted, so the number is the editor's line number
+    ("gap.jsonl", GOOD_LINE + "\n\n" + '{"prompt": "p", "chosen": "a",\n', ("line 3: not valid JSON "
+     "(Expecting property name enclosed in double quotes: column 31)")),
+    ("list_line.jsonl", f'{GOOD_LINE}\n{GOOD_LINE}\n["a", "b"]\n', (f"line 3: is a list, {NOT_AN_OBJECT} (one "
+     f"object per line)")),
+    ("string_line.jsonl", f'{GOOD_LINE}\n"it was great ."\n', (f"line 2: is a string, {NOT_AN_OBJECT} (one object "
+     f"per line)")),
+    ("empty.jsonl", "", "file is empty (no rows)"),
+    ("blank.jsonl", "\n  \n\n", "file is empty (no rows)"),
+    ("empty.json", "[]", "file is empty (no rows)"),
+    ("number.json", "3", f"line 1: is a number, {NOT_AN_OBJECT} (one object per line)"),
+    ("strings.json", '["it was great .", "it was bad ."]', f"row 1: is a string, {NOT_AN_OBJECT}"),
+    ("mixed.json", f"[{GOOD_LINE}, 3]", f"row 2: is a number, {NOT_AN_OBJECT}"),
+    ("array_syntax.json", f"[\n{GOOD_LINE},\n{GOOD_LINE}\n{GOOD_LINE}\n]", ("line 4: not valid JSON (Expecting ',' "
+     "delimiter: column 1)")),
+    ("wrapped.json", f'{{"train": [{GOOD_LINE}, {GOOD_LINE}]}}', WRAPPED),
+    ("wrapped_pretty.json", f'{{\n  "train": [\n    {GOOD_LINE},\n    {GOOD_LINE}\n  ]\n}}\n', WRAPPED),
+    ("wrapped_broken.json", f'{{\n  "train": [\n    {GOOD_LINE}\n    {GOOD_LINE}\n  ]\n}}\n',
+     "line 4: not valid JSON (Expecting ',' delimiter: column 5)"),
+    ("long_row.csv", CSV_HEADER + "p,a,b\np,a,b,c\n", "line 3: has 4 fields but the header (line 1) has 3"),
+    # pandas alone would read this row with a null 'rejected'
+    ("short_row.csv", CSV_HEADER + "p,a,b\n\np,a,b\np,a\n", "line 5: has 2 fields but the header (line 1) has 3"),
+    ("empty.csv", "", "file is empty (no rows)"),
+    ("header_only.csv", CSV_HEADER, "file is empty (no rows): only the header line"),
+    ("empty.parquet", "", "file is empty (no rows)"),
+    ("text.parquet", "not parquet", None),
+    ("truncated.parquet", "truncated", None),
+]
+
+
+@pytest.mark.parametrize("name,contents,expected", MALFORMED_FILES, ids=[case[0] for case in MALFORMED_FILES])
+def test_malformed_file_is_one_line_naming_the_line(name, contents, expected, tmp_path, capfd):
+    path = tmp_path / name
+    if name.endswith(".parquet") and contents:
+        path.write_bytes(_parquet_bytes(tmp_path, truncate=contents == "truncated"))
+    else:
+        path.write_text(contents)
+    capfd.readouterr()  # writing the parquet file shows a progress bar
+    # `datasets` logs an ERROR line of its own before it raises (through a handler that holds the stderr of its
+    # import time, which capfd cannot see): a handler of ours sees what would be printed.
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("datasets").addHandler(handler)
+    try:
+        with pytest.raises(DataError) as e:
+            load_rows(str(path))
+    finally:
+        logging.getLogger("datasets").removeHandler(handler)
+    message = str(e.value)
+    if expected is None:  # pyarrow's own words for a corrupt file; ours are the start
+        assert message.startswith(f"{path}: could not be read as parquet (") and message.endswith(")"), message
+    else:
+        assert message == f"{path}: {expected}"
+    assert "\n" not in message
+    assert [r.getMessage() for r in logged if r.levelno >= logging.WARNING] == []
+    out, err = capfd.readouterr()  # no progress bar either
+    assert out == "" and err == "", (out, err)
+
+
+def test_good_files_are_read_by_datasets_without_a_second_pass(tmp_path, monkeypatch, toy_preference_rows):
+    # The line-by-line scan is for failures only: a large good JSONL must not be parsed twice.
+    monkeypatch.setattr(data_mod, "read_json_records", lambda *a: pytest.fail("scanned a good file"))
+    for kind in ("json", "jsonl"):
+        rows, _ = load_rows(_write(tmp_path / f"prefs.{kind}", toy_preference_rows, kind))
+        assert len(rows) == 64
+    lines = tmp_path / "gaps.jsonl"  # blank lines, a BOM and no final newline are fine
+    lines.write_text("\ufeff" + GOOD_LINE + "\n\n" + GOOD_LINE)
+    assert len(load_rows(str(lines))[0]) == 2
+
+
+def _check(tmp_path, train_rows, eval_rows=None):
+    config = DataConfig(train=_write(tmp_path / "train.jsonl", train_rows, "jsonl"),
+                        eval=_write(tmp_path / "eval.jsonl", eval_rows, "jsonl") if eval_rows else None)
+    return config, data_mod.check_preference_data(config)
+
+
+def test_check_preference_data_needs_no_tokenizer_and_is_not_reread(tmp_path, toy_tokenizer, toy_preference_rows):
+    config, checked = _check(tmp_path, toy_preference_rows, toy_preference_rows[:8])
+    assert len(checked.train.rows) == 64 and len(checked.eval.rows) == 8
+    assert checked.train.source == config.train and checked.eval.source == config.eval
+    expected_train, _ = build_preference_dataset(config, toy_tokenizer, "train")
+    expected_eval, _ = build_preference_dataset(config, toy_tokenizer, "eval")
+    for path in (config.train, config.eval):  # building from `checked` must not touch the files again
+        (tmp_path / path).unlink()
+    train, report = build_preference_dataset(config, toy_tokenizer, "train", checked=checked)
+    evaluation, _ = build_preference_dataset(config, toy_tokenizer, "eval", checked=checked)
+    assert list(train) == list(expected_train) and list(evaluation) == list(expected_eval)
+    assert report.source == config.train and report.rows == 64
+
+
+@pytest.mark.parametrize("which", ["train", "eval"])
+def test_check_preference_data_reports_bad_rows_of_either_split(which, tmp_path, toy_preference_rows):
+    bad = [*toy_preference_rows[:4], {**toy_preference_rows[4], "chosen": [{"role": "robot", "content": "hi"}]}]
+    rows = {"train": bad, "eval": toy_preference_rows[:4]} if which == "train" else \
+        {"train": toy_preference_rows, "eval": bad}
+    with pytest.raises(DataError) as e:
+        _check(tmp_path, rows["train"], rows["eval"])
+    assert str(e.value).startswith(f"{tmp_path / f'{which}.jsonl'}: row 5: field 'chosen': ")
+
+
+def test_check_preference_data_reports_an_unreadable_file(tmp_path):
+    config = DataConfig(train=str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.jsonl").write_text(GOOD_LINE + "\n{oops\n")
+    with pytest.raises(DataError) as e:
+        data_mod.check_preference_data(config)
+    assert str(e.value) == (f"{config.train}: line 2: not valid JSON (Expecting property name enclosed in double "
+                            f"quotes: column 2)")
+
+
+def test_checked_rows_must_come_from_the_same_config(tmp_path, toy_tokenizer, toy_preference_rows):
+    config, checked = _check(tmp_path, toy_preference_rows)
+    other = DataConfig(train=str(tmp_path / "other.jsonl"), eval=config.train)
+    with pytest.raises(ValueError, match="checked train rows are from"):
+        build_preference_dataset(other, toy_tokenizer, "train", checked=checked)
+    with pytest.raises(ConfigError, match="data.eval: is not set"):
+        build_preference_dataset(config, toy_tokenizer, "eval", checked=checked)
+
+
+def test_quickstart_recipe_with_bad_data_fails_in_the_check(tmp_path):
+    # The README's `align train --config configs/quickstart.yaml data.train=bad.jsonl`: the data section alone (no
+    # model, no tokenizer) is enough for the one-line error that `align train` reports before loading the model.
+    from align.config import load_train_config
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(GOOD_LINE + "\n" + GOOD_LINE[:-1] + "\n")
+    config = load_train_config("configs/quickstart.yaml", [f"data.train={bad}",
+                                                           f"training.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataError) as e:
+        data_mod.check_preference_data(config.data)
+    assert str(e.value) == f"{bad}: line 2: not valid JSON (Expecting ',' delimiter: column {len(GOOD_LINE)})"
+
+
 # ----------------------------------------------------------------------------------------------- length policy
 
-WORDS = "the movie was great and it was fun and the song was fun".split()  # 13 known words
+WORDS = ["the", "movie", "was", "great", "and", "it", "was", "fun", "and", "the", "song", "was", "fun"]  # 13 known words
 
 
 def _row(prompt_words, chosen_words, rejected_words):
