@@ -8,7 +8,6 @@ problem is one `DataError` naming the file, the 1-based row and the field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +44,10 @@ class PromptsConfig:
 
 
 def load_prompts(section: PromptsConfig) -> list[str]:
-    """The prompts of a `prompts:` section (see PromptsConfig). Errors name the file, the 1-based row and the field."""
+    """The prompts of a `prompts:` section (see PromptsConfig). Errors name the file, the 1-based row and the field.
+    Needs no tokenizer, so a recipe can call it before loading any model."""
     from align import toy_world
+    from align.data import read_json_records
 
     if section.toy_world is not None:
         prompts = toy_world.make_prompts(section.toy_world, seed=section.seed)
@@ -57,32 +58,17 @@ def load_prompts(section: PromptsConfig) -> list[str]:
         source = str(path)
         if not path.is_file():
             raise DataError(source, None, None, "prompts file not found (prompts.file)")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(source, None, None, f"cannot read ({e})") from None
-        if path.suffix == ".json":
-            try:
-                rows = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(source, None, None, f"not valid JSON ({e})") from None
-            if not isinstance(rows, list):
-                raise DataError(source, None, None, "a .json prompts file must hold a list of {\"prompt\": ...} objects")
-            numbered = list(enumerate(rows, start=1))
-        elif path.suffix == ".jsonl":
-            numbered = []
-            for row, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    numbered.append((row, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(source, row, None, f"not valid JSON ({e})") from None
-        else:
+        if path.suffix not in (".json", ".jsonl"):
             raise DataError(source, None, None, "prompts.file must be a .jsonl or .json file of {\"prompt\": ...} rows")
+        # The reader of `align.data`, so a prompts file and a data file fail the same way: bad JSON, a row that is
+        # not an object or an empty file is one error naming the line (row = line number in a .jsonl file).
+        try:
+            numbered = list(read_json_records(path, source))
+        except OSError as e:
+            raise DataError(source, None, None, f"cannot read ({e})") from None
         prompts = []
         for row, obj in numbered:
-            if not isinstance(obj, dict) or "prompt" not in obj:
+            if "prompt" not in obj:
                 raise DataError(source, row, "prompt", "missing (each row must be an object with a string `prompt`)")
             prompt = obj["prompt"]
             if not isinstance(prompt, str):
