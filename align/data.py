@@ -407,8 +407,9 @@ def _scan_csv(path: Path, name: str):
                     header_line = reader.line_num
                     continue
                 if len(record) != len(header):
-                    raise DataError(name, None, None, f"line {reader.line_num}: has {len(record)} fields but the "
-                                                      f"header (line {header_line}) has {len(header)}")
+                    count = f"{len(record)} field{'s' if len(record) != 1 else ''}"
+                    raise DataError(name, None, None, f"line {reader.line_num}: has {count} but the header (line "
+                                                      f"{header_line}) has {len(header)}")
                 data_rows += 1
         except csv.Error as e:
             raise DataError(name, None, None, f"line {reader.line_num}: not valid CSV ({e})") from None

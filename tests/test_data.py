@@ -245,6 +245,7 @@ MALFORMED_FILES = [
     ("long_row.csv", CSV_HEADER + "p,a,b\np,a,b,c\n", "line 3: has 4 fields but the header (line 1) has 3"),
     # pandas alone would read this row with a null 'rejected'
     ("short_row.csv", CSV_HEADER + "p,a,b\n\np,a,b\np,a\n", "line 5: has 2 fields but the header (line 1) has 3"),
+    ("one_field.csv", CSV_HEADER + "p\n", "line 2: has 1 field but the header (line 1) has 3"),
     ("empty.csv", "", "file is empty (no rows)"),
     ("header_only.csv", CSV_HEADER, "file is empty (no rows): only the header line"),
     ("empty.parquet", "", "file is empty (no rows)"),
