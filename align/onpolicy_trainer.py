@@ -27,7 +27,12 @@ import time
 
 import torch
 
-from align.logps import GroupLogps, SharedPromptCollator, group_completion_keys, group_logps
+from align.logps import (
+    GroupLogps,
+    SharedPromptCollator,
+    group_completion_keys,
+    group_logps,
+)
 from align.rollout.base import SamplingParams
 from align.rollout.config import GenerationConfig
 from align.trainer import AlignTrainer
@@ -76,13 +81,16 @@ class OnPolicyTrainer(AlignTrainer):
         generation: `GenerationConfig`.
         train_dataset: a `PromptDataset`.
         gold_reward: an optional `RewardFunction` that is logged (`gold_reward`) and never optimised.
+        resume_with_changed_parameters: resume a checkpoint written with other objective, reference or target
+            parameters (with a warning) instead of refusing it.
     """
 
     def __init__(self, *, model, args, objective, reference, target, reward, rollout, generation: GenerationConfig,
-                 train_dataset, processing_class, gold_reward=None, callbacks=None):
+                 train_dataset, processing_class, gold_reward=None, callbacks=None,
+                 resume_with_changed_parameters=False):
         super().__init__(model=model, args=args, objective=objective, reference=reference,
                          data_collator=collate_prompts, train_dataset=train_dataset, processing_class=processing_class,
-                         callbacks=callbacks)
+                         callbacks=callbacks, resume_with_changed_parameters=resume_with_changed_parameters)
         self.target, self.reward, self.gold_reward = target, reward, gold_reward
         self.rollout, self.generation = rollout, generation
         self.completion_keys = group_completion_keys(generation.num_samples)
@@ -105,6 +113,10 @@ class OnPolicyTrainer(AlignTrainer):
 
     def _checkpoint_identity(self) -> dict[str, str]:
         return {**super()._checkpoint_identity(), "target": self.target.kind}
+
+    def _parameter_components(self) -> dict:
+        # The target's parameters (β, n, threshold) define what the log Z table and its fitted state estimate.
+        return {**super()._parameter_components(), "target": self.target}
 
     # --- sampling -----------------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ DeepSpeed, gradient accumulation, mixed precision, checkpointing, evaluation and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,52 +23,26 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from align.config import ALIGN_TRAINING_DEFAULTS  # noqa: F401  (documented here; defined with the validation)
 from align.logps import PairLogps, SharedPromptCollator, pair_logps
 from align.metric_window import MetricWindow
 
 logger = logging.getLogger("align.trainer")
 
-#: Where align's defaults differ from `transformers.TrainingArguments`; a recipe's `training:` keys win.
-ALIGN_TRAINING_DEFAULTS = {
-    "learning_rate": 1e-6,  # TRL's DPOConfig default; DPO-family losses diverge at SFT-like learning rates
-    "logging_steps": 10,
-    "report_to": "none",
-    "save_only_model": False,
-    # Mixed precision is decided in `training_arguments` by the hardware: on CPU bf16 matmuls are emulated (~60x
-    # slower). Activation (gradient) checkpointing stays off unless a recipe sets `activation_checkpointing: true`
-    # (transformers >= 5 name; `gradient_checkpointing` is its deprecated alias): TRL 1.16 turns it on by default.
-}
-
 
 def training_arguments(section: dict, *, seed: int) -> TrainingArguments:
-    """Builds `TrainingArguments` from a validated `training:` section plus align's defaults."""
-    from align.config import installed_training_key
+    """Builds `TrainingArguments` from a validated `training:` section plus align's defaults (`training_kwargs`).
+    Every error is one ConfigError naming the `training.<key>` it is about."""
+    from align.config import check_training_values, training_error, training_kwargs
+    from align.errors import ConfigError
 
-    # Renamed fields (activation_checkpointing in the newest transformers, gradient_checkpointing in 5.19) are passed
-    # under the installed release's name, so one recipe runs from transformers 5.16 to the newest.
-    kwargs = {**ALIGN_TRAINING_DEFAULTS, "seed": seed, **section}
-    kwargs = {installed_training_key(key) or key: value for key, value in kwargs.items()}
-    if "output_dir" not in kwargs:
-        from align.errors import ConfigError
-
+    if "output_dir" not in section:
         raise ConfigError("training.output_dir: required key is missing")
-    on_gpu = torch.cuda.is_available()
-    if not kwargs.get("fp16") and "bf16" not in kwargs:
-        kwargs["bf16"] = on_gpu and torch.cuda.is_bf16_supported()
-    if not on_gpu:
-        # Without `use_cpu`, accelerate picks no process-group backend on a GPU-less machine and a torchrun job
-        # (DDP or DeepSpeed) runs as N copies of world size 1, with DeepSpeed's "auto" batch sizes wrong by N.
-        kwargs.setdefault("use_cpu", True)
-        kwargs.setdefault("dataloader_pin_memory", False)  # pinned memory only helps host-to-GPU copies
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            kwargs.setdefault("ddp_backend", "gloo")
-    kwargs["remove_unused_columns"] = False  # our batches are built by SharedPromptCollator, not by column names
+    check_training_values(section)  # callers that skipped recipe validation (rm defaults, tests) get named errors too
     try:
-        return TrainingArguments(**kwargs)
-    except (ValueError, TypeError) as e:
-        from align.errors import ConfigError
-
-        raise ConfigError(f"training: {str(e).splitlines()[0]}") from None
+        return TrainingArguments(**training_kwargs(section, seed=seed))
+    except (ValueError, TypeError, NotImplementedError, OSError) as e:
+        raise training_error(e, section) from None
 
 
 def activation_checkpointing(args: TrainingArguments) -> tuple[bool, dict]:
@@ -81,7 +56,7 @@ def activation_checkpointing(args: TrainingArguments) -> tuple[bool, dict]:
 class _ReferenceStepHook(TrainerCallback):
     """Calls `reference.on_step_end(policy, step)` after every optimizer step."""
 
-    def __init__(self, trainer: "AlignTrainer"):
+    def __init__(self, trainer: AlignTrainer):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -93,17 +68,22 @@ class AlignTrainer(Trainer):
     in every checkpoint (written atomically, marked complete last, checked against the resuming recipe), the
     reference's per-step hook, and exact resume. `PreferenceTrainer` (pairs) and `OnPolicyTrainer` (f-DPG) build on it.
 
-    Subclasses may add per-process state to checkpoints through `_process_state` / `_load_process_state`.
+    Subclasses may add per-process state to checkpoints through `_process_state` / `_load_process_state`, and
+    components whose parameters a resumed run must share through `_parameter_components`.
+
+    `resume_with_changed_parameters` (the recipe key of that name) resumes a checkpoint whose objective, reference or
+    target parameters differ from this run's, with one warning listing them, instead of refusing it.
     """
 
     def __init__(self, *, model, args, objective, reference, data_collator, train_dataset, eval_dataset=None,
-                 processing_class=None, callbacks=None):
+                 processing_class=None, callbacks=None, resume_with_changed_parameters: bool = False):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks)
         # Our losses are means over examples, not sums over tokens: let the Trainer divide by accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.objective = objective
         self.reference = reference
+        self.resume_with_changed_parameters = resume_with_changed_parameters
         self.reference.prepare(self.accelerator)
         self.add_callback(_ReferenceStepHook(self))
         # Running [sum, count] per metric and mode: logged values are per-example means over the logging window (a
@@ -136,6 +116,42 @@ class AlignTrainer(Trainer):
         state into the wrong component (a `frozen` reference silently drops TR-DPO's moved weights)."""
         return {"objective": type(self.objective).name, "reference": type(self.reference).kind}
 
+    def _parameter_components(self) -> dict:
+        """Recipe section → the component built from it, whose validated `params` dataclass the checkpoint records."""
+        return {"objective": self.objective, "reference": self.reference}
+
+    def _checkpoint_parameters(self) -> dict:
+        """The parameters this run's state is produced with, as dotted recipe keys (`objective.beta`,
+        `reference.tau`, `target.n`), in their JSON form (what the marker holds and is compared with)."""
+        flat = {}
+        for section, component in self._parameter_components().items():
+            params = getattr(component, "params", None)
+            if dataclasses.is_dataclass(params) and not isinstance(params, type):
+                _flatten(section, dataclasses.asdict(params), flat)
+        # Through JSON, so that a tuple and the list it is read back as, or 1 and 1.0, compare equal.
+        return json.loads(json.dumps(flat, default=str))
+
+    def _check_parameters(self, checkpoint: str, saved: dict) -> None:
+        """Refuses a checkpoint written with other objective, reference or target parameters (resuming it would
+        continue one run's state, e.g. TR-DPO's reference or f-DPG's log Z table, under another run's loss), naming
+        every changed key with its old and new value; `resume_with_changed_parameters` turns that into a warning.
+        Markers written before parameters were recorded have none to compare."""
+        from align.errors import AlignError
+
+        if "parameters" not in saved:
+            return
+        old, new = saved["parameters"], self._checkpoint_parameters()
+        changes = [f"{key}: {_shown(old.get(key, _UNSET))} → {_shown(new.get(key, _UNSET))}"
+                   for key in sorted(old.keys() | new.keys()) if old.get(key, _UNSET) != new.get(key, _UNSET)]
+        if not changes:
+            return
+        if not self.resume_with_changed_parameters:
+            raise AlignError(f"{checkpoint}: written with other parameters ({'; '.join(changes)}); resume it with the "
+                             "recipe that wrote it, set resume_with_changed_parameters=true to continue with the new "
+                             "values, or train into a new output_dir")
+        logger.warning("%s: resuming with changed parameters (resume_with_changed_parameters=true): %s", checkpoint,
+                       "; ".join(changes))
+
     def _save_checkpoint(self, model, trial) -> None:
         # transformers writes straight into `checkpoint-N` (no temporary directory; under DeepSpeed every rank adds its
         # own files) and `get_last_checkpoint` takes the highest N whatever it holds, so a process killed while saving
@@ -157,7 +173,11 @@ class AlignTrainer(Trainer):
         if self.args.should_save:
             from align.io import atomic_write_json
 
-            atomic_write_json(marker, {"global_step": self.state.global_step, **self._checkpoint_identity()})
+            # model_only: with save_only_model transformers writes no optimizer, scheduler or RNG state (nor does
+            # align write its own), so the checkpoint is complete as a model but cannot be resumed.
+            atomic_write_json(marker, {"global_step": self.state.global_step, **self._checkpoint_identity(),
+                                       "parameters": self._checkpoint_parameters(),
+                                       "model_only": bool(self.args.save_only_model)})
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
@@ -193,15 +213,18 @@ class AlignTrainer(Trainer):
 
         if not os.path.isdir(checkpoint):
             raise AlignError(f"resume_from_checkpoint: {checkpoint} is not a directory")
-        marker = os.path.join(checkpoint, CHECKPOINT_MARKER)
-        if os.path.isfile(marker):
-            with open(marker) as f:
-                saved = json.load(f)
+        saved = read_marker(checkpoint)
+        if saved is not None:
+            if saved.get("model_only"):
+                raise AlignError(f"{checkpoint}: written with training.save_only_model=true, it holds the model but no "
+                                 "optimizer, scheduler or RNG state, so training cannot continue from it; start a new "
+                                 f"run from its weights (model.name_or_path={checkpoint}) in a new output_dir")
             changed = [f"{key} '{saved[key]}' (this run: '{value}')"
                        for key, value in self._checkpoint_identity().items() if saved.get(key, value) != value]
             if changed:
                 raise AlignError(f"{checkpoint}: written with {' and '.join(changed)}; resume it with the recipe that "
                                  "wrote it, or train into a new output_dir")
+            self._check_parameters(checkpoint, saved)
         else:
             logger.warning("%s has no %s: it may be incomplete (cut short while saving); resuming it because it was "
                            "named explicitly", checkpoint, CHECKPOINT_MARKER)
@@ -249,15 +272,17 @@ class PreferenceTrainer(AlignTrainer):
         reference: an `align.references.Reference`.
         train_dataset / eval_dataset: items `{"prompt_input_ids", "chosen_input_ids", "rejected_input_ids"}`.
         processing_class: the tokenizer (its pad id pads batches; it is saved with checkpoints).
+        resume_with_changed_parameters: resume a checkpoint written with other objective or reference parameters
+            (with a warning) instead of refusing it.
     """
 
     def __init__(self, *, model, args, objective, reference, train_dataset, eval_dataset=None,
-                 processing_class=None, data_collator=None, callbacks=None):
+                 processing_class=None, data_collator=None, callbacks=None, resume_with_changed_parameters=False):
         if data_collator is None:
             data_collator = SharedPromptCollator(processing_class.pad_token_id)
         super().__init__(model=model, args=args, objective=objective, reference=reference, data_collator=data_collator,
                          train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                         callbacks=callbacks)
+                         callbacks=callbacks, resume_with_changed_parameters=resume_with_changed_parameters)
         self.reference.precompute({"train": train_dataset, "eval": eval_dataset}, data_collator,
                                   self.args.per_device_eval_batch_size)
 
@@ -308,27 +333,65 @@ CHECKPOINT_MARKER = "align_checkpoint.json"
 _CHECKPOINT_DIR = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
+def read_marker(checkpoint: str) -> dict | None:
+    """The checkpoint's `CHECKPOINT_MARKER` contents, or None when it has none (or one that is not a JSON object)."""
+    try:
+        with open(os.path.join(checkpoint, CHECKPOINT_MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
 def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint (one with `CHECKPOINT_MARKER`) in `output_dir`, or None.
+    """The newest resumable checkpoint in `output_dir`: one with `CHECKPOINT_MARKER` that is not model-only; or None.
 
     Newer directories without the marker were cut short while saving (or predate the marker) and are skipped with a
-    warning: resuming one would fail on a missing or truncated file, or restore a mix of two steps.
+    warning: resuming one would fail on a missing or truncated file, or restore a mix of two steps. Model-only
+    checkpoints (`training.save_only_model: true`) are skipped with a warning too: they hold no optimizer, scheduler
+    or RNG state to continue from.
     """
     if not os.path.isdir(output_dir):
         return None
     steps = sorted((int(m.group(1)), name) for name in os.listdir(output_dir)
                    if (m := _CHECKPOINT_DIR.match(name)) and os.path.isdir(os.path.join(output_dir, name)))
-    skipped = []
+    incomplete, model_only = [], []
     for _, name in reversed(steps):
         path = os.path.join(output_dir, name)
-        if os.path.isfile(os.path.join(path, CHECKPOINT_MARKER)):
+        marker = read_marker(path)
+        if marker is None:
+            incomplete.append(name)
+        elif marker.get("model_only"):
+            model_only.append(name)
+        else:
             break
-        skipped.append(name)
     else:
         path = None
-    if skipped:
-        logger.warning("%s: skipping %s: no %s (incomplete)", output_dir, ", ".join(skipped), CHECKPOINT_MARKER)
+    if incomplete:
+        logger.warning("%s: skipping %s: no %s (incomplete)", output_dir, ", ".join(incomplete), CHECKPOINT_MARKER)
+    if model_only:
+        logger.warning("%s: skipping %s: written with training.save_only_model=true (the model only: no optimizer, "
+                       "scheduler or RNG state to resume from)", output_dir, ", ".join(model_only))
     return path
+
+
+#: A key a checkpoint's parameters or this run's lack (shown as "unset").
+_UNSET = object()
+
+
+def _shown(value) -> str:
+    if value is _UNSET:
+        return "unset"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _flatten(prefix: str, params: dict, out: dict) -> None:
+    """`{"of": {"kind": "frozen"}}` under `reference` → `out["reference.of.kind"] = "frozen"`."""
+    for key, value in params.items():
+        if isinstance(value, dict) and value:
+            _flatten(f"{prefix}.{key}", value, out)
+        else:
+            out[f"{prefix}.{key}"] = value
 
 
 def load_state_file(path: str):

@@ -5,6 +5,9 @@ first complete checkpoint, then relaunched with `training.resume_from_checkpoint
 and A's logged losses. The recipe makes every piece of on-policy state matter: the best_of_n target's per-prompt
 reward samples (fitted lazily, as prompts are first seen), the log Z table, the moving baseline's window, the
 sampling seeds (a per-process call count) and attention dropout (torch's global RNG).
+
+A checkpoint records the objective, reference and target parameters it was written with; resuming it with changed
+ones is refused, naming each (`test_changed_target_or_objective_parameters_are_named`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from align.errors import AlignError
 from align.trainer import CHECKPOINT_MARKER
 
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fdpg-toy.yaml"
@@ -84,6 +89,10 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(toy_sft_dir, tmp_pa
             if proc.poll() is None:
                 proc.kill()
     state = torch.load(out_b / f"checkpoint-{killed_at}" / "align_state_0.pt", weights_only=False)
+    marker = json.loads((out_b / f"checkpoint-{killed_at}" / CHECKPOINT_MARKER).read_text())
+    assert marker["target"] == "best_of_n" and marker["model_only"] is False
+    assert {key: marker["parameters"][key] for key in ("target.n", "target.samples", "objective.baseline_window")} == {
+        "target.n": 4, "target.samples": 8, "objective.baseline_window": 64}  # what a resume is checked against
     assert state["target"]["sorted_rewards"] and state["objective"]["log_z"]["count"]  # the state that must survive
     assert len(state["objective"]["moving_baseline"]["values"]) == 64
     assert state["generate_calls"] == killed_at  # one sampling call per optimizer step
@@ -94,3 +103,37 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(toy_sft_dir, tmp_pa
     la, lb = losses(out_a), losses(out_b)
     assert max(la) == MAX_STEPS and len(lb) >= MAX_STEPS - killed_at
     assert all(lb[s] == la[s] for s in lb if s > killed_at)
+
+
+def test_changed_target_or_objective_parameters_are_named(caplog):
+    """The on-policy trainer records the target's parameters beside the objective's and the reference's: the log Z
+    table and the fitted target state estimate one target, and continuing them under another β would mix two runs.
+    (The trainer's parameter check alone, on a trainer holding only its components; the SIGKILL test above resumes
+    a real checkpoint through it.)"""
+    from types import SimpleNamespace
+
+    from align.objectives import FDPG
+    from align.onpolicy_trainer import OnPolicyTrainer
+    from align.references import FrozenReference
+    from align.targets import ExponentialTarget
+
+    def trainer(beta: float, baseline: str, override: bool = False) -> OnPolicyTrainer:
+        t = object.__new__(OnPolicyTrainer)  # no model, sampler or reward: only what the check reads
+        t.objective = FDPG(FDPG.Params(baseline=baseline))
+        t.reference = SimpleNamespace(params=FrozenReference.Params())
+        t.target = ExponentialTarget(ExponentialTarget.Params(beta=beta))
+        t.resume_with_changed_parameters = override
+        return t
+
+    written = trainer(0.1, "moving")._checkpoint_parameters()
+    assert written["target.beta"] == 0.1 and written["objective.baseline"] == "moving"
+    assert written["objective.divergence"] == "reverse_kl" and "reference.name_or_path" in written
+    trainer(0.1, "moving")._check_parameters("ckpt", {"parameters": written})  # the same recipe resumes
+
+    with pytest.raises(AlignError) as e:
+        trainer(0.05, "leave_one_out")._check_parameters("ckpt", {"parameters": written})
+    assert str(e.value).startswith("ckpt: written with other parameters (objective.baseline: moving → "
+                                   "leave_one_out; target.beta: 0.1 → 0.05); ")
+    with caplog.at_level("WARNING", logger="align.trainer"):
+        trainer(0.05, "leave_one_out", override=True)._check_parameters("ckpt", {"parameters": written})
+    assert "target.beta: 0.1 → 0.05" in caplog.text

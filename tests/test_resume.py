@@ -9,7 +9,7 @@ the reference every 2 steps, the learning rate decays linearly, and 40 steps of 
 The in-process tests use A's checkpoints for the crash cases: a checkpoint cut short while saving (no completion
 marker) is skipped by `latest`, `latest` with no complete checkpoint starts at step 0, a run resumed from the
 checkpoint of its last step trains no extra step and keeps its moved reference, and a checkpoint resumed with another
-reference kind or objective is refused.
+reference kind or objective, or with other objective or reference parameters, is refused.
 """
 
 from __future__ import annotations
@@ -278,3 +278,29 @@ def test_resume_with_another_reference_kind_or_objective_is_refused(runs, root, 
         train_in_process(root, out, f"objective.name={objective}", "training.resume_from_checkpoint=latest",
                          reference=reference)
     assert not (out / "final").exists()
+
+
+def test_resume_with_changed_parameters_is_refused_naming_each_change(runs, root, capsys):
+    # SamPO's β and TR-DPO's α changed between the run that wrote checkpoint-8 and the one resuming it: the moved
+    # reference and the optimizer state would continue under another objective. One line from `align train`.
+    from align.cli import main
+
+    marker = json.loads((runs["a"] / "checkpoint-8" / CHECKPOINT_MARKER).read_text())
+    assert marker["model_only"] is False
+    assert {key: marker["parameters"][key] for key in ("objective.beta", "objective.shared_indices",
+                                                       "reference.alpha", "reference.tau")} == {
+        "objective.beta": 0.1, "objective.shared_indices": True, "reference.alpha": 0.5, "reference.tau": 2}
+
+    out = root / "changed-parameters"
+    out.mkdir()
+    shutil.copytree(runs["a"] / "checkpoint-8", out / "checkpoint-8")
+    status = main(["train", "--config", "/dev/null", *overrides(root, out, "objective.beta=0.2", "reference.alpha=0.25",
+                                                               "training.resume_from_checkpoint=latest")])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("align: error:")]
+    assert status == 2 and "Traceback" not in stderr
+    expected = (f"align: error: {out / 'checkpoint-8'}: written with other parameters (objective.beta: 0.1 → 0.2; "
+                "reference.alpha: 0.5 → 0.25); resume it with the recipe that wrote it, set "
+                "resume_with_changed_parameters=true to continue with the new values, or train into a new output_dir")
+    assert errors == [expected]
+    assert not (out / "final").exists() and complete_steps(out) == [8]

@@ -8,6 +8,7 @@ the weights of an uninterrupted one.
 """
 
 import json
+import logging
 import math
 import shutil
 
@@ -24,7 +25,13 @@ from align.modeling import LoraSection, ModelConfig, load_policy, load_tokenizer
 from align.objectives import SamPO, get_objective
 from align.references import PeftDisabledReference, build_reference
 from align.train import train
-from align.trainer import PreferenceTrainer, disable_dropout, training_arguments
+from align.trainer import (
+    CHECKPOINT_MARKER,
+    PreferenceTrainer,
+    disable_dropout,
+    latest_checkpoint,
+    training_arguments,
+)
 
 LOG2 = math.log(2.0)
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl/reference",
@@ -54,7 +61,8 @@ def eval_set(tokenizer):
 
 
 def make_trainer(tmp_path, model_dir, tokenizer, train_dataset, *, objective="fdpo", objective_params=None,
-                 lora=None, eval_dataset=None, seed=0, reference=("auto", {}), **training):
+                 lora=None, eval_dataset=None, seed=0, reference=("auto", {}), resume_with_changed_parameters=False,
+                 **training):
     config = ModelConfig(name_or_path=str(model_dir), dtype="float32", lora=lora)
     policy = load_policy(config)
     disable_dropout(policy)
@@ -66,7 +74,7 @@ def make_trainer(tmp_path, model_dir, tokenizer, train_dataset, *, objective="fd
     return PreferenceTrainer(model=policy, args=args, objective=get_objective(objective, seed=seed,
                                                                               **(objective_params or {})),
                              reference=reference, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                             processing_class=tokenizer)
+                             processing_class=tokenizer, resume_with_changed_parameters=resume_with_changed_parameters)
 
 
 def train_logs(trainer):
@@ -372,6 +380,93 @@ def test_tr_dpo_resume_restores_the_moved_reference(tmp_path, tiny_model_dir, to
         assert torch.equal(a, b), f"reference {name}"  # the moved reference, not the SFT model
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert any(not torch.equal(a, b) for a, b in zip(initial.parameters(), resumed.reference.model.parameters()))
+
+
+# ----------------------------------------------------------------- what a resumed checkpoint's state means (issue 12)
+
+
+def test_resume_refuses_changed_parameters_unless_overridden(tmp_path, tiny_model_dir, tokenizer, train_set, caplog):
+    """A checkpoint's state (TR-DPO's moved reference, the optimizer) belongs to the parameters it was trained with:
+    resuming it under another β, divergence or τ would silently continue one run as another. Every changed key is
+    named with its old and new value; `resume_with_changed_parameters` resumes anyway, with one warning."""
+    def trainer(out, max_steps, beta=0.1, divergence="reverse_kl", tau=2, **kwargs):
+        return make_trainer(out, tiny_model_dir, tokenizer, train_set, max_steps=max_steps, save_strategy="steps",
+                            save_steps=2, objective_params={"beta": beta, "divergence": divergence},
+                            reference=("tr_dpo", {"alpha": 0.5, "tau": tau}), **kwargs)
+
+    trainer(tmp_path / "a", 2).train()
+    checkpoint = tmp_path / "a" / "out" / "checkpoint-2"
+    marker = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
+    assert marker["model_only"] is False
+    assert {key: marker["parameters"][key] for key in ("objective.beta", "objective.divergence", "reference.alpha",
+                                                       "reference.tau")} == {
+        "objective.beta": 0.1, "objective.divergence": "reverse_kl", "reference.alpha": 0.5, "reference.tau": 2}
+
+    changed = {"beta": 0.2, "divergence": "js", "tau": 4}
+    refused = trainer(tmp_path / "b", 3, **changed)
+    with pytest.raises(AlignError) as e:
+        refused.train(resume_from_checkpoint=str(checkpoint))
+    message = str(e.value)
+    assert message.startswith(f"{checkpoint}: written with other parameters (objective.beta: 0.1 → 0.2; "
+                              "objective.divergence: reverse_kl → js; reference.tau: 2 → 4); ")
+    assert "resume_with_changed_parameters=true" in message and "\n" not in message
+    assert refused.state.global_step == 0 and refused.reference.updates == 0  # nothing was loaded or trained
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="align.trainer"):
+        allowed = trainer(tmp_path / "c", 3, resume_with_changed_parameters=True, **changed)
+        allowed.train(resume_from_checkpoint=str(checkpoint))
+    warnings = [r.getMessage() for r in caplog.records if "changed parameters" in r.getMessage()]
+    assert warnings == [(f"{checkpoint}: resuming with changed parameters (resume_with_changed_parameters=true): "
+                         "objective.beta: 0.1 → 0.2; objective.divergence: reverse_kl → js; reference.tau: 2 → 4")]
+    assert allowed.state.global_step == 3
+    assert allowed.reference.updates == 1  # step 2's update, from the checkpoint (τ = 4 makes none at step 3)
+    assert allowed.objective.params.beta == 0.2
+
+    # A marker written before parameters were recorded: only the objective name and reference kind are compared.
+    del marker["parameters"], marker["model_only"]
+    (checkpoint / CHECKPOINT_MARKER).write_text(json.dumps(marker))
+    old = trainer(tmp_path / "d", 3, **changed)
+    old.train(resume_from_checkpoint=str(checkpoint))
+    assert old.state.global_step == 3 and old.reference.updates == 1
+
+
+def test_model_only_checkpoints_are_never_resumed(tmp_path, tiny_model_dir, caplog):
+    """`save_only_model: true` checkpoints hold no optimizer, scheduler or RNG state (nor align's): `latest` skips
+    them (and with nothing else, starts from scratch saying why); naming one is one error line."""
+    write_jsonl(tmp_path / "train.jsonl", toy_world.make_preference_rows(32, seed=0))
+    write_jsonl(tmp_path / "eval.jsonl", toy_world.make_preference_rows(8, seed=1))
+
+    def run(out, **training):
+        base = recipe(tmp_path, tiny_model_dir, out, max_steps=4, save_steps=2, save_only_model=True, **training)
+        return train(load_train_config(None, base=base))
+
+    out = tmp_path / "model-only"
+    run(out)
+    for step in (2, 4):
+        checkpoint = out / f"checkpoint-{step}"
+        assert json.loads((checkpoint / CHECKPOINT_MARKER).read_text())["model_only"] is True
+        assert not (checkpoint / "optimizer.pt").exists() and not (checkpoint / "align_state_0.pt").exists()
+    first = final_weights(out)
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        summary = run(out, resume_from_checkpoint="latest")
+    assert (f"{out}: skipping checkpoint-4, checkpoint-2: written with training.save_only_model=true (the model only: "
+            "no optimizer, scheduler or RNG state to resume from)") in caplog.text
+    assert f"no complete checkpoint in {out}; training from the start" in caplog.text
+    assert summary["global_step"] == 4
+    assert_same_weights(final_weights(out), first)  # the same 4 steps from the start, not a continuation
+
+    with pytest.raises(AlignError) as e:
+        run(tmp_path / "explicit", resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert str(e.value).startswith(f"{out / 'checkpoint-2'}: written with training.save_only_model=true")
+    assert "\n" not in str(e.value) and not (tmp_path / "explicit" / "final").exists()
+
+    # A resumable checkpoint older than model-only ones is the one `latest` picks.
+    marker = json.loads((out / "checkpoint-2" / CHECKPOINT_MARKER).read_text())
+    (out / "checkpoint-2" / CHECKPOINT_MARKER).write_text(json.dumps({**marker, "model_only": False}))
+    assert latest_checkpoint(str(out)) == str(out / "checkpoint-2")
 
 
 # --------------------------------------------------------------------------------------------- safe state loading
