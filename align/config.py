@@ -490,10 +490,12 @@ def _build_for_validation(section: dict) -> None:
     kwargs.setdefault("output_dir", "unused-by-validation")  # required when training, checked there
     for key in _NOT_BUILT_IN_VALIDATION:
         kwargs.pop(key, None)
-    environ = dict(os.environ)  # fsdp writes FSDP_CPU_RAM_EFFICIENT_LOADING, torch_compile ACCELERATE_DYNAMO_*
+    environ = dict(os.environ)  # restored after: fsdp writes FSDP_CPU_RAM_EFFICIENT_LOADING
     transformers_logger = logging.getLogger("transformers")
     level = transformers_logger.level
     try:
+        # Set by `accelerate launch --use_deepspeed`, it makes __post_init__ register a process-wide DeepSpeed config.
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         # Its infos and warnings ("using logging_steps to initialize eval_steps") come once, from the real build.
         transformers_logger.setLevel(logging.ERROR)
         with warnings.catch_warnings():

@@ -201,7 +201,7 @@ class AlignTrainer(Trainer):
             if resume_from_checkpoint is None:
                 from align.errors import AlignError
 
-                raise AlignError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}")
+                raise AlignError(f"resume_from_checkpoint: no complete, resumable checkpoint in {self.args.output_dir}")
         if resume_from_checkpoint is False:
             resume_from_checkpoint = None
         if resume_from_checkpoint is not None:

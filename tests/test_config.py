@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from align.config import (TrainConfig, apply_override, load_train_config, objective_params, reference_section,
-                          training_arguments_kwargs)
+from align.config import (
+    TrainConfig,
+    apply_override,
+    load_train_config,
+    objective_params,
+    reference_section,
+    training_arguments_kwargs,
+)
 from align.data import DataConfig
 from align.errors import AlignError, ConfigError
 from align.modeling import LoraSection, ModelConfig
@@ -351,7 +357,7 @@ def test_value_errors_name_the_dotted_key(override, key):
 
 
 def test_alpha_divergence_params_are_accepted_and_validated():
-    cls, params = objective_params(load("objective.divergence=alpha", "objective.alpha=0.3").objective)
+    _, params = objective_params(load("objective.divergence=alpha", "objective.alpha=0.3").objective)
     assert params.alpha == 0.3
     assert "alpha" in config_error("objective.divergence=alpha", "objective.alpha=1.5")
 
@@ -509,17 +515,21 @@ def test_validation_builds_training_arguments_without_devices_folders_or_environ
     leave environment variables behind (fsdp writes one)."""
     import os
 
+    import transformers.integrations.deepspeed as hf_deepspeed
     from transformers import TrainingArguments
 
     def no_devices(self):
         raise AssertionError("validation set up devices (accelerate's distributed state)")
 
     monkeypatch.setattr(TrainingArguments, "_setup_devices", property(no_devices))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as under `accelerate launch --use_deepspeed`
     environ = dict(os.environ)
+    deepspeed_config = hf_deepspeed._hf_deepspeed_config_weak_ref
     section = {"output_dir": str(tmp_path / "out"), "fsdp": "full_shard", "eval_strategy": "steps",
                "deepspeed": str(tmp_path / "ds.json"), "tf32": False}
     assert training_arguments_kwargs(section) == section
     assert dict(os.environ) == environ
+    assert hf_deepspeed._hf_deepspeed_config_weak_ref is deepspeed_config  # no process-wide DeepSpeed config
     assert not (tmp_path / "out").exists()
     # ... while building the real arguments does set up the device (which is why validation must not).
     with pytest.raises(AssertionError, match="validation set up devices"):
