@@ -106,7 +106,8 @@ class BonConfig:
     seed: int = field(default=0, metadata={"help": "Sampling seed (when sampling.seed is null)."})
     batch_size: int = field(default=64, metadata={"help": "Sequences per forward, for sampling and for scoring."})
     max_length: int | None = field(default=None, metadata={
-        "help": "Scoring: keep the last max_length tokens of longer prompt+response rows (None: no truncation)."})
+        "help": "Scoring: keep the last max_length tokens of longer prompt+response rows (None: the ensemble's "
+                "trained max_length, from its manifest; no truncation for an ensemble saved without one)."})
     progress: bool = field(default=True, metadata={"help": "Progress bars for sampling and scoring."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={
         "help": "Sampling backend and its engine options (align.rollout.RolloutConfig)."})
@@ -268,8 +269,9 @@ def run_bon(config: BonConfig) -> dict[str, Any]:
     # 2. Score once; aggregate per method.
     t0 = time.perf_counter()
     flat_prompts = [p for p in prompts for _ in range(N)]
+    max_length = config.max_length if config.max_length is not None else ensemble.max_length  # as it was trained
     members, _ = ensemble.score(flat_prompts, responses, batch_size=config.batch_size, progress=config.progress,
-                                max_length=config.max_length)                        # [P·N, K]
+                                max_length=max_length)                               # [P·N, K]
     scoring_s = time.perf_counter() - t0
     members = members.to(torch.float64)
     proxies = {aggregation_label(s): aggregate(members, s["method"], **{k: v for k, v in s.items() if k != "method"})
@@ -329,6 +331,7 @@ def run_bon(config: BonConfig) -> dict[str, Any]:
         "num_members": ensemble.num_members,
         "ns": ns,
         "truncated_fraction": 1.0 - sum(finished) / len(finished),
+        "scoring_max_length": max_length,  # the ensemble's trained length unless the config set one
         "kl_estimate": "Beirami et al.'s estimator averaged over the best-of-n selection law of the N samples "
                        "(expected_best_of_n_by(proxy, KL̂_n(log_eps), n)), then over prompts",
         "outputs": {"samples": str(out / "samples.jsonl"), "per_prompt": str(out / "per_prompt.csv"), **plots},

@@ -33,17 +33,24 @@ backward would run with whichever adapter is active at that time.
 Saving (`save`) writes a directory atomically (`align.io.atomic_directory`):
 
     manifest.json                    format version, kind, members, seeds, aggregation, normalization, base model,
-                                     dtype, and the sha256 and size of every file below
+                                     dtype, how rows are tokenized (`max_length`: the longest row training saw,
+                                     null for no limit; `truncation_side`: "left", a longer row keeps its last
+                                     tokens), and the sha256 and size of every file below
     tokenizer files                  (tokenizer.json, tokenizer_config.json, ...)
     seeds:      member-0/ ... member-{K-1}/     `save_pretrained` folders (num_labels = 1)
     multi_head: model/                          one `save_pretrained` folder (num_labels = K)
     lora:       base/                           the base seq-cls model without adapters
                 adapters/member-0/ ...          PEFT adapter folders (LoRA factors + the member's head)
 
-`load` checks the directory against the manifest before loading anything (missing or extra members, changed,
-missing or unrecorded files) and the loaded weights against it (number of heads or adapters), and reports any
-mismatch as one `AlignError` naming the directory and what is wrong. Verifying the digests reads every weight file
-once more (about a second per GB); `verify=False` skips the hashing (sizes are still checked).
+`load` checks the directory against the manifest before torch, safetensors or a tokenizer reads any file of it
+(missing or extra members, changed, truncated, missing or unrecorded files, pickled weights, paths outside the
+directory) and the loaded weights against it (number of heads or adapters), and reports any mismatch as one
+`AlignError` naming the directory and the file. Verifying the digests reads every weight file once more (about a
+second per GB); `verify=False` skips the hashing (sizes are still checked).
+
+Scoring truncates as training did: `score` keeps the last `max_length` tokens of a longer row, `max_length` being
+the manifest's unless the caller gives one (`score(max_length=...)`, `align rm score --max-length`). A manifest
+written before these keys existed loads with `max_length` None (no truncation, the behaviour of that time).
 """
 
 from __future__ import annotations
@@ -77,6 +84,11 @@ FORMAT_VERSION = 1
 TOKENIZE_CHUNK = 1000
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HASH_CHUNK = 1 << 20
+#: How a row longer than `max_length` is cut: "left" drops its first tokens (the end of the response, where the reward
+#: is read, is kept). The one rule `encode_pairs` and reward-model training implement.
+TRUNCATION_SIDES = ("left",)
+#: Files that unpickle when loaded (arbitrary code); an ensemble's weights are safetensors, so none is ever read.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def member_name(k: int) -> str:
@@ -160,7 +172,7 @@ def encode_pairs(tokenizer, prompts: Sequence, responses: Sequence, max_length: 
             response_ids[i] = ids
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    out, truncated = [], 0
+    out = []
     for i in range(n):
         p, r = prompt_ids[i], response_ids[i]
         if bos is not None and len(p) >= 2 and p[0] == p[1] == bos:
@@ -173,14 +185,25 @@ def encode_pairs(tokenizer, prompts: Sequence, responses: Sequence, max_length: 
         if not ids:
             raise DataError(source, i + 1, "response", "prompt and response tokenize to no tokens (and the tokenizer "
                                                        "has neither BOS nor EOS)")
-        if max_length is not None and len(ids) > max_length:
-            ids = ids[-max_length:]
-            truncated += 1
         out.append(ids)
+    out, truncated = truncate_rows(out, max_length)
     if truncated:
         logger.warning("%s: %d of %d rows were longer than max_length=%d and kept their last %d tokens (the prompt "
                        "lost its beginning)", source, truncated, n, max_length, max_length)
     return out
+
+
+def truncate_rows(rows: Sequence[Sequence[int]], max_length: int | None, truncation_side: str = "left"
+                  ) -> tuple[list[list[int]], int]:
+    """Rows of ids longer than `max_length` keep their last `max_length` ids (`truncation_side` "left", the only
+    side: the end of the response, where the reward is read, matters most) → (rows, how many were cut). None: no
+    limit."""
+    if truncation_side not in TRUNCATION_SIDES:
+        raise ConfigError(f"truncation_side: must be one of {', '.join(TRUNCATION_SIDES)}, got {truncation_side!r}")
+    if max_length is None:
+        return [list(row) for row in rows], 0
+    out = [list(row[-max_length:]) if len(row) > max_length else list(row) for row in rows]
+    return out, sum(len(row) > max_length for row in rows)
 
 
 def _tokenize(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
@@ -310,14 +333,19 @@ class RewardEnsemble(torch.nn.Module, abc.ABC):
 
     Attributes: `kind` (one of ENSEMBLE_KINDS), `num_members` (K), `seeds` (K ints), `aggregation`
     (`{"method": ..., **params}`, validated, defaults filled in), `normalization` (`{"mean": [K], "std": [K]}` or
-    None), `tokenizer`, `base_model` (name or path the members were built from).
+    None), `tokenizer`, `base_model` (name or path the members were built from), `max_length` and
+    `truncation_side` (how rows are cut: the training data's `max_length`, saved in the manifest; None: no limit).
     """
 
     kind: str = ""
 
     def __init__(self, tokenizer, *, seeds: Sequence[int], aggregation: dict | None, normalization: dict | None,
-                 base_model: str, attn_implementation: str):
+                 base_model: str, attn_implementation: str, max_length: int | None = None,
+                 truncation_side: str = "left"):
         super().__init__()
+        self.max_length: int | None = None
+        self.truncation_side = "left"
+        self.set_tokenization(max_length, truncation_side)
         self.tokenizer = tokenizer
         self.seeds = [int(s) for s in seeds]
         self.num_members = len(self.seeds)
@@ -400,8 +428,11 @@ class RewardEnsemble(torch.nn.Module, abc.ABC):
         does not fit fails at once and padding is minimal) and scored `batch_size` at a time in eval mode (the
         module's train/eval mode is restored after). `normalize` (default: whether `self.normalization` is set)
         z-scores each member with the stored statistics before aggregating; `per_member` is then the normalised
-        scores. `max_length`: see `encode_pairs` (None: no truncation).
+        scores. `max_length`: a longer row keeps its last `max_length` tokens (`encode_pairs`); None: the ensemble's
+        own `max_length` (the one it was trained with, from its manifest; None there: no truncation).
         """
+        if max_length is None:
+            max_length = self.max_length
         ids = encode_pairs(self.tokenizer, prompts, responses, max_length, source="<score>")
         return self.score_ids(ids, batch_size=batch_size, progress=progress, normalize=normalize)
 
@@ -448,6 +479,17 @@ class RewardEnsemble(torch.nn.Module, abc.ABC):
         method, params = _split_aggregation(aggregation)
         self.aggregation = {"method": method, **check_aggregation(method, params, num_members=self.num_members)}
 
+    def set_tokenization(self, max_length: int | None, truncation_side: str = "left") -> None:
+        """Sets how this ensemble cuts rows (saved in the manifest; `score`'s default): `max_length` a positive int or
+        None (no limit), `truncation_side` one of TRUNCATION_SIDES."""
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise ConfigError(f"max_length: must be a positive integer or None, got {max_length!r}")
+        if truncation_side not in TRUNCATION_SIDES:
+            raise ConfigError(f"truncation_side: must be one of {', '.join(TRUNCATION_SIDES)}, got "
+                              f"{truncation_side!r}")
+        self.max_length, self.truncation_side = max_length, truncation_side
+
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Stores per-member statistics (K means, K stds > 0) used by `score` to z-score members."""
         mean, std = [float(x) for x in mean], [float(x) for x in std]
@@ -486,11 +528,11 @@ class RewardEnsemble(torch.nn.Module, abc.ABC):
 
     # --- saving and loading ---------------------------------------------------------------------------------------
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> None:
         """Writes the ensemble to `directory` atomically (see the module docstring for the layout). Refuses an
-        existing directory that is not empty (or a file)."""
+        existing directory that is not empty (or a file) unless `overwrite`, which replaces it in one rename."""
         directory = Path(directory)
-        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        if directory.exists() and not overwrite and (not directory.is_dir() or any(directory.iterdir())):
             raise AlignError(f"reward ensemble '{directory}': already exists and is not empty; choose a new "
                              "directory (an ensemble is never overwritten)")
         with atomic_directory(directory) as tmp:
@@ -512,6 +554,8 @@ class RewardEnsemble(torch.nn.Module, abc.ABC):
                 "base_model": self.base_model,
                 "dtype": _dtype_name(next(self.parameters()).dtype),
                 "attn_implementation": self.attn_implementation,
+                "max_length": self.max_length,
+                "truncation_side": self.truncation_side,
                 "files": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -568,7 +612,9 @@ def _split_aggregation(aggregation: dict | None) -> tuple[str, dict[str, Any]]:
 def _manifest_kwargs(manifest: dict) -> dict[str, Any]:
     return {"seeds": manifest["seeds"], "aggregation": manifest["aggregation"],
             "normalization": manifest["normalization"], "base_model": manifest["base_model"],
-            "attn_implementation": manifest.get("attn_implementation", "sdpa")}
+            "attn_implementation": manifest.get("attn_implementation", "sdpa"),
+            # Manifests written before these keys: no truncation, as scoring then did.
+            "max_length": manifest.get("max_length"), "truncation_side": manifest.get("truncation_side", "left")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -864,6 +910,13 @@ def _member_paths(kind: str, num_members: int) -> list[str]:
     return [f"adapters/{member_name(k)}" for k in range(num_members)]
 
 
+def read_manifest(directory: str | Path) -> dict:
+    """The checked manifest of the ensemble in `directory` (keys, kinds, member layout, aggregation, tokenization,
+    file records), read without touching any weight file: commands use it to check their options against the
+    ensemble (K, aggregation) before loading it. Any problem is one AlignError naming the directory and the file."""
+    return _read_manifest(Path(directory))
+
+
 def _read_manifest(directory: Path) -> dict:
     where = f"reward ensemble '{directory}'"
     if not directory.exists():
@@ -889,6 +942,8 @@ def _read_manifest(directory: Path) -> dict:
     for key in ("kind", "num_members", "members", "seeds", "aggregation", "normalization", "base_model", "files"):
         if key not in manifest:
             fail(f"'{key}' is missing")
+    if not isinstance(manifest.get("attn_implementation", "sdpa"), str):
+        fail(f"attn_implementation must be a string, got {manifest['attn_implementation']!r}")
     kind, k = manifest["kind"], manifest["num_members"]
     if kind not in ENSEMBLE_KINDS:
         fail(f"unknown kind '{kind}'; known: {', '.join(ENSEMBLE_KINDS)}")
@@ -899,11 +954,29 @@ def _read_manifest(directory: Path) -> dict:
         fail(f"num_members is {k} but {len(members) if isinstance(members, list) else 'no'} members are listed")
     if not isinstance(seeds, list) or len(seeds) != k:
         fail(f"num_members is {k} but {len(seeds) if isinstance(seeds, list) else 'no'} seeds are listed")
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds):
+        fail(f"seeds must be integers, got {seeds!r}")
     for i, (entry, path) in enumerate(zip(members, _member_paths(kind, k))):
         if not isinstance(entry, dict) or entry.get("name") != member_name(i) or entry.get("path") != path:
             fail(f"member {i} must be named '{member_name(i)}' with path '{path}', got {entry!r}")
     if not isinstance(manifest["files"], dict) or not manifest["files"]:
         fail("'files' must map every saved file to its digest")
+    for rel, record in manifest["files"].items():
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or not parts or ".." in parts or rel == MANIFEST:
+            fail(f"files: '{rel}' is not a path inside the ensemble directory")
+        if not (isinstance(record, dict) and isinstance(record.get("sha256"), str)
+                and re.fullmatch(r"[0-9a-f]{64}", record["sha256"])
+                and isinstance(record.get("bytes"), int) and not isinstance(record["bytes"], bool)):
+            fail(f"files: '{rel}' must be recorded as {{'sha256': 64 hex digits, 'bytes': int}}, got {record!r}")
+        if rel.lower().endswith(_PICKLE_SUFFIXES):
+            fail(f"files: '{rel}' is a pickle file, which could run code when loaded; an ensemble's weights are "
+                 "safetensors")
+    max_length, side = manifest.get("max_length"), manifest.get("truncation_side", "left")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        fail(f"max_length must be null or a positive integer, got {max_length!r}")
+    if side not in TRUNCATION_SIDES:
+        fail(f"truncation_side must be one of {', '.join(TRUNCATION_SIDES)}, got {side!r}")
     try:
         check_aggregation(*_split_aggregation(manifest["aggregation"]), num_members=k)
     except ConfigError as e:
@@ -939,24 +1012,24 @@ def _check_files(directory: Path, manifest: dict, *, verify: bool) -> None:
                            and p.name not in listed)
             if extra:
                 raise AlignError(f"{where}: unexpected member folder '{extra[0]}' (the manifest lists {k} members)")
-    # Every recorded file unchanged; no unrecorded file among the weights.
+    # No unrecorded file anywhere (the tokenizer and the weight loaders would read one), checked before any hashing.
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel not in files and rel != MANIFEST:
+            raise AlignError(f"{where}: {rel} is not recorded in {MANIFEST} (a file added after saving?)")
+    # Every recorded file present and unchanged, before torch, safetensors or a tokenizer opens any of them.
     for rel, record in files.items():
         path = directory / rel
         if not path.is_file():
             raise AlignError(f"{where}: {rel} is missing (recorded in {MANIFEST})")
-        if path.stat().st_size != record.get("bytes"):
+        if path.stat().st_size != record["bytes"]:
             raise AlignError(f"{where}: {rel} does not match {MANIFEST} (size {path.stat().st_size} bytes, recorded "
-                             f"{record.get('bytes')}): the file changed after saving")
-        if verify and _sha256(path) != record.get("sha256"):
+                             f"{record['bytes']}): the file changed after saving (truncated or replaced)")
+        if verify and _sha256(path) != record["sha256"]:
             raise AlignError(f"{where}: {rel} does not match {MANIFEST} (sha256 differs): the file changed after "
                              "saving")
-    weight_roots = sorted({Path(p).parts[0] for p in _member_paths(kind, k)} | set(required))
-    for root in weight_roots:
-        for path in sorted((directory / root).rglob("*")):
-            rel = path.relative_to(directory).as_posix()
-            if path.is_file() and rel not in files:
-                raise AlignError(f"{where}: {rel} is not recorded in {MANIFEST} (a file added after saving?)")
 
 
-__all__ = ["ENSEMBLE_KINDS", "LoraEnsemble", "MultiHeadEnsemble", "RewardEnsemble", "SeedsEnsemble", "encode_pairs",
-           "last_token_hidden", "load_ensemble", "member_name", "pad_right"]
+__all__ = ["ENSEMBLE_KINDS", "TRUNCATION_SIDES", "LoraEnsemble", "MultiHeadEnsemble", "RewardEnsemble", "SeedsEnsemble",
+           "encode_pairs", "last_token_hidden", "load_ensemble", "member_name", "pad_right", "read_manifest",
+           "truncate_rows"]

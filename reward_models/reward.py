@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from align.errors import AlignError
 from align.rewards import RewardFunction, RewardScores
-from reward_models.ensemble import RewardEnsemble
+from reward_models.ensemble import RewardEnsemble, truncate_rows
 
 
 class EnsembleReward(RewardFunction):
@@ -16,14 +16,16 @@ class EnsembleReward(RewardFunction):
         ensemble: a loaded ensemble (`RewardEnsemble.load(DIR)`).
         aggregation: `{"method": "mean" | "wco" | "uwo", **params}`; None keeps the ensemble's own (its manifest's).
         batch_size: rows per scoring forward.
-        max_length: keep the last `max_length` tokens of longer prompt + completion rows (None: no truncation).
+        max_length: keep the last `max_length` tokens of longer prompt + completion rows; None: the ensemble's own
+            (`ensemble.max_length`, the length it was trained on, from its manifest; None there: no truncation).
     """
 
     def __init__(self, ensemble: RewardEnsemble, aggregation: dict | None = None, *, batch_size: int = 64,
                  max_length: int | None = None, policy_tokenizer=None):
         if aggregation is not None:
             ensemble.set_aggregation(aggregation)  # validated against K: wco/uwo need K >= 2
-        self.ensemble, self.batch_size, self.max_length = ensemble, batch_size, max_length
+        self.ensemble, self.batch_size = ensemble, batch_size
+        self.max_length = max_length if max_length is not None else ensemble.max_length
         #: True when the policy's token ids mean the same to the ensemble: samples are then scored as ids.
         self.shares_tokenizer = policy_tokenizer is not None and same_tokenizer(policy_tokenizer, ensemble.tokenizer)
         self.name = f"ensemble:{ensemble.aggregation['method']}"
@@ -38,7 +40,8 @@ class EnsembleReward(RewardFunction):
             row = list(p) + list(c)
             if not c or c[-1] != eos:  # a completion cut by max_new_tokens: scored at an appended EOS, as encode_pairs
                 row.append(eos)
-            rows.append(row[-self.max_length:] if self.max_length else row)
+            rows.append(row)
+        rows, _ = truncate_rows(rows, self.max_length, self.ensemble.truncation_side)  # encode_pairs' rule
         members, reward = self.ensemble.score_ids(rows, batch_size=self.batch_size)
         return RewardScores(members=members, reward=reward)
 

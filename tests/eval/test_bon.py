@@ -102,6 +102,37 @@ def test_existing_results_not_overwritten(world, study):
     assert (study[1] / "results.json").read_text() == before
 
 
+def test_scoring_cuts_rows_at_the_ensembles_trained_length(world, study, tmp_path):
+    """An ensemble whose manifest says it was trained on rows of at most 6 tokens scores every sample on its last 6
+    tokens (the study above, run with a copy of its ensemble that only differs in that key); `max_length` in the
+    config wins."""
+    import shutil
+
+    from reward_models.ensemble import encode_pairs
+
+    ensemble_dir = tmp_path / "ensemble"
+    shutil.copytree(world / "ensemble", ensemble_dir)
+    manifest = json.loads((ensemble_dir / "manifest.json").read_text())
+    assert manifest["max_length"] is None  # built, never trained: no limit recorded
+    manifest["max_length"] = 6
+    (ensemble_dir / "manifest.json").write_text(json.dumps(manifest))
+    cut = run_bon(load_bon_config(None, base=raw(world, ensemble=str(ensemble_dir), output_dir=str(tmp_path / "o"))))
+    assert cut["scoring_max_length"] == 6 and study[0]["scoring_max_length"] is None
+    samples = [json.loads(line) for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
+    ensemble = RewardEnsemble.load(ensemble_dir, device="cpu")
+    ids = encode_pairs(ensemble.tokenizer, [s["prompt"] for s in samples], [s["response"] for s in samples])
+    assert max(len(row) for row in ids) > 6
+    expected, _ = ensemble.score_ids([row[-6:] for row in ids])
+    torch.testing.assert_close(torch.tensor([s["rewards"] for s in samples]), expected, atol=1e-5, rtol=0)
+    # the same samples (same seed) as the uncut study: only the scoring differs
+    uncut = [json.loads(line) for line in (study[1] / "samples.jsonl").read_text().splitlines()]
+    assert [s["response"] for s in uncut] == [s["response"] for s in samples]
+    assert [s["rewards"] for s in uncut] != [s["rewards"] for s in samples]
+    wide = run_bon(load_bon_config(None, base=raw(world, ensemble=str(ensemble_dir), output_dir=str(tmp_path / "w"),
+                                                  max_length=256)))
+    assert wide["scoring_max_length"] == 256
+
+
 @pytest.mark.parametrize("changes, match", [
     ({"num_samples": 0}, "num_samples: must be an integer >= 1"),
     ({"sampling": {"temperature": 0.7}}, "sampling.temperature: must be 1"),
