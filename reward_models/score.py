@@ -6,10 +6,15 @@ prompt with a text or message-list response, rendered with the ensemble tokenize
 `.jsonl` file is read line by line (each row's fields exactly as written); other sources go through
 `align.data.load_rows` (.json, .parquet, .csv, save_to_disk folders, Hub datasets).
 
+Rows are cut as the ensemble was trained: a row longer than the manifest's `max_length` keeps its last tokens (the
+end of the response, where the reward is read), and the number of rows cut is logged as one warning line; an
+explicit `max_length` (`--max-length`) replaces the manifest's.
+
 Output: JSON Lines, one row per input row in input order, every input field plus `rewards` (the K member rewards,
 z-scored when the ensemble stores normalisation statistics) and `reward` (their aggregate). It is written atomically
-after every row is scored, and an existing output is refused unless `overwrite=True`. Every check (rows, ensemble
-manifest and weights, aggregation) runs before anything is written.
+after every row is scored; an existing output is refused unless `overwrite=True`, and an output whose folder does not
+exist is refused (not created). Every check (flags, output folder, rows, ensemble manifest and file digests) runs
+before any weight is loaded, and nothing is written before every row is scored.
 """
 
 from __future__ import annotations
@@ -85,42 +90,77 @@ def score_file(ensemble_dir: str, input_path: str, output_path: str, *, batch_si
     """Scores `input_path` with the ensemble in `ensemble_dir` and writes `output_path` (module docstring).
 
     `aggregation` / `lam` / `ddof` replace the ensemble's saved aggregation (a method alone takes its default
-    parameters; `lam`/`ddof` alone change the saved method's). Returns `{"rows", "members", "aggregation",
-    "output"}`."""
-    from reward_models.ensemble import RewardEnsemble
+    parameters; `lam`/`ddof` alone change the saved method's). `max_length` (default: the manifest's, the length
+    the ensemble was trained on) cuts longer rows to their last tokens; how many were cut is logged as one warning.
+    Every option, the output's folder, the rows and the manifest are checked before any weight is loaded.
+    Returns `{"rows", "members", "aggregation", "normalized", "max_length", "truncated", "output"}`."""
+    from reward_models.ensemble import (
+        RewardEnsemble,
+        encode_pairs,
+        read_manifest,
+        truncate_rows,
+    )
 
     output = Path(output_path)
     if output.exists() and not overwrite:
         raise AlignError(f"{output_path}: already exists; pass --overwrite to replace it")
+    # A mistyped folder is refused rather than created: the scores would land somewhere the user is not looking.
+    if not output.parent.is_dir():
+        what = "is not a folder" if output.parent.exists() else "does not exist"
+        raise AlignError(f"--output {output_path}: its folder '{output.parent}' {what}; create it or choose another "
+                         f"--output")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size: must be a positive integer, got {batch_size!r}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ConfigError(f"--max-length: must be a positive integer, got {max_length!r}")
+    manifest = read_manifest(ensemble_dir)  # no weights read: K, the saved aggregation and the trained length
+    chosen = _chosen_aggregation(manifest, aggregation, lam, ddof)
     rows, source = read_response_rows(input_path)
-    ensemble = RewardEnsemble.load(ensemble_dir, device=device)
-    if aggregation is not None or lam is not None or ddof is not None:
-        if aggregation is None:
-            chosen = dict(ensemble.aggregation)
-        else:
-            chosen = {"method": aggregation}
-        if lam is not None:
-            chosen["lam"] = lam
-        if ddof is not None:
-            chosen["ddof"] = ddof
-        try:
-            ensemble.set_aggregation(chosen)
-        except ConfigError as e:
-            message = str(e)
-            for key, flag in _FLAG_NAMES.items():
-                message = message.replace(key, flag)
-            raise ConfigError(message) from None
     overlap = sorted({key for row in rows for key in OUTPUT_FIELDS if key in row})
     if overlap:
         logger.warning("%s: input rows already have %s; the output replaces them", source,
                        " and ".join(f"'{k}'" for k in overlap))
-    per_member, combined = ensemble.score([r["prompt"] for r in rows], [r["response"] for r in rows],
-                                          batch_size=batch_size, progress=progress, max_length=max_length)
+
+    ensemble = RewardEnsemble.load(ensemble_dir, device=device)
+    if chosen is not None:
+        ensemble.set_aggregation(chosen)  # already checked against K above
+    limit = max_length if max_length is not None else ensemble.max_length
+    ids = encode_pairs(ensemble.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], None,
+                       source=source)
+    ids, truncated = truncate_rows(ids, limit, ensemble.truncation_side)
+    if truncated:
+        given = "--max-length" if max_length is not None else "the ensemble's trained max_length"
+        logger.warning("%s: %d of %d rows are longer than %s (%d tokens) and were scored on their last %d tokens",
+                       source, truncated, len(rows), given, limit, limit)
+    per_member, combined = ensemble.score_ids(ids, batch_size=batch_size, progress=progress)
     lines = []
     for row, rewards, reward in zip(rows, per_member.tolist(), combined.tolist(), strict=True):
         lines.append(json.dumps({**row, "rewards": rewards, "reward": reward}, ensure_ascii=False) + "\n")
     atomic_write_text(output, "".join(lines))
     return {"rows": len(rows), "members": ensemble.num_members, "aggregation": ensemble.aggregation,
-            "normalized": ensemble.normalization is not None, "output": str(output)}
+            "normalized": ensemble.normalization is not None, "max_length": limit, "truncated": truncated,
+            "output": str(output)}
+
+
+def _chosen_aggregation(manifest: dict, aggregation: str | None, lam: float | None, ddof: int | None
+                        ) -> dict | None:
+    """The aggregation the flags ask for (None: the saved one), checked against the manifest's K and named by flag."""
+    from reward_models.aggregate import check_aggregation
+
+    if aggregation is None and lam is None and ddof is None:
+        return None
+    chosen = dict(manifest["aggregation"]) if aggregation is None else {"method": aggregation}
+    if lam is not None:
+        chosen["lam"] = lam
+    if ddof is not None:
+        chosen["ddof"] = ddof
+    params = dict(chosen)
+    method = params.pop("method")
+    try:
+        check_aggregation(method, params, num_members=manifest["num_members"])
+    except ConfigError as e:
+        message = str(e)
+        for key, flag in _FLAG_NAMES.items():
+            message = message.replace(key, flag)
+        raise ConfigError(message) from None
+    return chosen

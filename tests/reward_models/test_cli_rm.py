@@ -7,6 +7,7 @@ nothing written or overwritten.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -212,6 +213,68 @@ def test_score_refuses_bad_aggregation_flags(world, rows_file, capsys, tmp_path)
                        "--output", str(output), "--aggregation", "median")
     assert_one_line_error(code, err, "--aggregation", "'median'")
     assert not output.exists()
+
+
+def test_score_refuses_bad_flags_before_any_member_loads(world, rows_file, capsys, tmp_path, monkeypatch):
+    from reward_models.ensemble import RewardEnsemble
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the ensemble was loaded before the flags were checked")
+
+    monkeypatch.setattr(RewardEnsemble, "load", refuse)
+    path, _ = rows_file
+    output = tmp_path / "out.jsonl"
+    base = ["rm", "score", "--ensemble", str(world["ensemble"]), "--input", str(path), "--output", str(output)]
+    for flags, parts in [(["--aggregation", "wcoo"], ("--aggregation", "'wcoo'", "mean, uwo, wco")),
+                         (["--aggregation", "uwo", "--lam", "nan"], ("--lam", "finite")),
+                         (["--aggregation", "uwo", "--lam", "-1"], ("--lam", ">= 0")),
+                         (["--lam", "0.5"], ("--lam", "unknown parameter for 'mean'")),  # the saved method: mean
+                         (["--aggregation", "uwo", "--ddof", "2"], ("--ddof", "0 (population variance)"))]:
+        code, _, err = run(capsys, *base, *flags)
+        assert_one_line_error(code, err, *parts)
+    assert not output.exists()
+
+
+def test_score_refuses_an_output_in_a_folder_that_does_not_exist(world, rows_file, capsys, tmp_path):
+    path, _ = rows_file
+    output = tmp_path / "no-such-folder" / "scored.jsonl"
+    code, _, err = run(capsys, "rm", "score", "--ensemble", str(world["ensemble"]), "--input", str(path),
+                       "--output", str(output))
+    assert_one_line_error(code, err, "--output", str(output.parent), "does not exist")
+    assert not output.parent.exists()  # not created
+
+
+def test_score_truncates_rows_longer_than_the_trained_length_and_says_so(world, capsys, tmp_path, caplog):
+    from reward_models.ensemble import RewardEnsemble, encode_pairs
+
+    long_response = " ".join(["the movie was great ."] * 20)  # 100 words: longer than data.max_length 64
+    rows = [{"prompt": "write a review of the movie .", "response": long_response},
+            {"prompt": "write a review of the movie .", "response": "the movie was great ."}]
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    output = tmp_path / "scored.jsonl"
+    with caplog.at_level(logging.WARNING, logger="align.reward_models"):
+        code, _, err = run(capsys, "rm", "score", "--ensemble", str(world["ensemble"]), "--input", str(path),
+                           "--output", str(output))
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if "longer than" in r.getMessage()]
+    assert said == [(f"{path}: 1 of 2 rows are longer than the ensemble's trained max_length (64 tokens) and were "
+                     "scored on their last 64 tokens")]
+    ensemble = RewardEnsemble.load(world["ensemble"], device="cpu")
+    ids = encode_pairs(ensemble.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
+    expected, _ = ensemble.score_ids([ids[0][-64:], ids[1]])
+    scored = [json.loads(line) for line in output.read_text().splitlines()]
+    for row, want in zip(scored, expected.tolist(), strict=True):
+        assert row["rewards"] == pytest.approx(want, abs=1e-6)
+    whole, _ = ensemble.score_ids([ids[0]])
+    assert scored[0]["rewards"] != pytest.approx(whole[0].tolist(), abs=1e-6)  # the cut changed the reward
+    # an explicit --max-length wins
+    caplog.clear()
+    wide = tmp_path / "wide.jsonl"
+    code, _, err = run(capsys, "rm", "score", "--ensemble", str(world["ensemble"]), "--input", str(path),
+                       "--output", str(wide), "--max-length", "200")
+    assert code == 0, err
+    assert json.loads(wide.read_text().splitlines()[0])["rewards"] == pytest.approx(whole[0].tolist(), abs=1e-6)
+    assert not [r for r in caplog.records if "longer than" in r.getMessage()]
 
 
 # --- train: bad input, nothing written -------------------------------------------------------------------------------
