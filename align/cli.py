@@ -2,7 +2,7 @@
 
     align train --config configs/dpo.yaml [dotted.key=value ...]
     align soup --out DIR CKPT CKPT... [--weights W W...]
-    align quickstart [--output-dir DIR]
+    align quickstart [--output-dir DIR] [--overwrite]
     align rm train --config configs/rm/toy-ensemble.yaml [dotted.key=value ...]
     align rm score --ensemble DIR --input F.jsonl --output G.jsonl [--batch-size N] [--aggregation wco] [--lam 0.5]
     align rm toy-data --out DIR
@@ -21,15 +21,39 @@ import os
 import sys
 
 
-def _quiet_environment() -> None:
+def _quiet_environment(verbose: bool) -> None:
+    """What a user sees by default: align's own lines, one progress bar per stage of work (training, sampling,
+    scoring), errors. Library noise a user cannot act on is off: transformers' per-load weight bars and load reports
+    (`score.weight | MISSING` for a reward head that is meant to be new), FutureWarnings from libraries (150 of them in
+    a 2-process launch). `align -v ...` shows everything."""
     # DeepSpeed probes for an accelerator when transformers imports it; on a CPU machine tell it up front so it
     # neither warns nor guesses.
     if not os.path.exists("/dev/nvidia0") and "DS_ACCELERATOR" not in os.environ:
         os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "DeepSpeed", "torch.distributed"):
+    # Every process of a distributed run would print each line once; only the main one reports, the others speak up
+    # for errors only.
+    level = logging.INFO if is_main_process() or verbose else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose:
+        return
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # worker processes
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
+    for noisy in ("httpx", "urllib3", "DeepSpeed", "torch.distributed", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards", once per model load and save
+
+
+def is_main_process() -> bool:
+    """True in a single-process run and on global rank 0 of a distributed one (torchrun and deepspeed set RANK)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _train(ns: argparse.Namespace) -> int:
@@ -39,20 +63,41 @@ def _train(ns: argparse.Namespace) -> int:
     from align.train import train
 
     summary = train(config)
-    print(f"trained {summary['global_step']} steps; final model in {summary['final_model']}")
+    if is_main_process():  # every process of a distributed run returns the summary; one line is enough
+        print(f"trained {summary['global_step']} steps; final model in {summary['final_model']}")
     return 0
 
 
 def _quickstart(ns: argparse.Namespace) -> int:
     from align.quickstart import run_quickstart
 
-    run_quickstart(ns.output_dir, seed=ns.seed)
+    run_quickstart(ns.output_dir, seed=ns.seed, overwrite=ns.overwrite)
     return 0
+
+
+def _split_weights(ns: argparse.Namespace) -> None:
+    """`--weights` takes every value after it, so in `--weights 0.7 0.3 A B` (the order `--help` shows) argparse hands
+    it the checkpoints too: the leading numbers are the weights, the rest are checkpoints, in command-line order."""
+    if ns.weights is None:
+        return
+    weights = []
+    for i, item in enumerate(ns.weights):
+        try:
+            weights.append(float(item))
+        except ValueError:
+            ns.checkpoints = [*ns.checkpoints, *ns.weights[i:]]
+            break
+    if not weights:
+        from align.errors import ConfigError
+
+        raise ConfigError(f"--weights: expected numbers, got '{ns.weights[0]}'")
+    ns.weights = weights
 
 
 def _soup(ns: argparse.Namespace) -> int:
     from align.soup import write_soup
 
+    _split_weights(ns)
     out = write_soup(ns.out, ns.checkpoints, ns.weights)
     print(f"wrote the soup of {len(ns.checkpoints)} checkpoints to {out}")
     return 0
@@ -174,6 +219,8 @@ def _add_rm_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="Preference alignment for LLMs.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every library log line, load report, progress bar and warning")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a policy on preference pairs with a YAML recipe")
@@ -183,13 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("soup", help="average checkpoints into a model soup (SALSA), saved with save_pretrained")
     p.add_argument("--out", required=True, help="new directory for the soup")
-    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more checkpoints of one architecture")
-    p.add_argument("--weights", type=float, nargs="+", help="mixing weights (>= 0, sum 1); default uniform")
+    p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="two or more checkpoints of one architecture")
+    p.add_argument("--weights", nargs="+", metavar="W",
+                   help="mixing weights (>= 0, sum 1), one per checkpoint in order; before or after the checkpoints; "
+                        "default uniform")
     p.set_defaults(func=_soup)
 
     p = sub.add_parser("quickstart", help="SFT → preference pairs → f-DPO on the embedded toy world, on CPU")
-    p.add_argument("--output-dir", default="outputs/quickstart", help="where the run's files go")
+    p.add_argument("--output-dir", default="outputs/quickstart",
+                   help="where the run's files go; a rerun replaces only the previous quickstart's own files there")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder that no quickstart wrote (its other files are kept)")
     p.set_defaults(func=_quickstart)
 
     _add_rm_parser(sub)
@@ -226,7 +278,7 @@ def _shut_down_process_group() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    _quiet_environment()
+    _quiet_environment(ns.verbose)
     from align.errors import AlignError
 
     try:

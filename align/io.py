@@ -34,6 +34,60 @@ def atomic_write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+class SetupGuard:
+    """Leaves `directory` as it was if a run fails before `started()`: a folder the set-up created is removed, and
+    entries it added to an existing folder are removed (files that were there are never rewritten during set-up).
+    After `started()` (training began, checkpoints may follow) nothing is removed.
+
+        with SetupGuard(output_dir) as guard:
+            ...load, check, build (any error leaves output_dir as it was)...
+            guard.started()
+            ...train...
+    """
+
+    def __init__(self, directory: str | Path, *, main_process: bool = True):
+        self.directory = Path(directory)
+        self.main_process = main_process  # only one process of a distributed job cleans up
+        self.existed = self.directory.is_dir()
+        self.before = set(os.listdir(self.directory)) if self.existed else set()
+        self._started = False
+
+    def started(self) -> None:
+        self._started = True
+
+    def __enter__(self) -> "SetupGuard":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None or self._started or not self.main_process or not self.directory.is_dir():
+            return False
+        if not self.existed:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return False
+        for name in set(os.listdir(self.directory)) - self.before:
+            entry = self.directory / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        return False
+
+
+@contextlib.contextmanager
+def scratch_directory(path: str | Path):
+    """Yields an empty temporary sibling of `path` (same file system, so its entries can be renamed into `path`),
+    removed with whatever is left in it when the block ends, however it ends."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path):
     """Yields a temporary sibling of `path`; on success it replaces `path`, on error it is removed."""

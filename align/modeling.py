@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,8 +72,50 @@ class ModelConfig:
         return torch.float32
 
 
+#: A Hugging Face Hub repo id: `name` or `owner/name`, letters, digits, `-`, `_`, `.` (huggingface_hub's rule, at most
+#: 96 characters).
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def model_path_problem(name_or_path: str, revision: str | None = None) -> str | None:
+    """Why `name_or_path` cannot name a model, found without touching the network, or None when it may.
+
+    A missing path that looks local (`./x`, `/x`, `~/x`, `a/b/c`, not a valid Hub id, or whose first component is a
+    local folder, as `outputs/nope` is) is refused at once: left to transformers it becomes a Hub lookup with a minute
+    of retries and a connection error that never says the folder is missing. With HF_HUB_OFFLINE set, a Hub id that
+    is not in the local cache is refused the same way.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return None if path.is_dir() else "is a file, not a model folder (save_pretrained writes a folder)"
+    first = Path(name_or_path).parts[0] if Path(name_or_path).parts else ""
+    looks_local = (name_or_path.startswith(("/", ".", "~")) or not _HUB_ID.match(name_or_path)
+                   or (first != name_or_path and Path(first).is_dir()))
+    if looks_local:
+        return "does not exist (not a local folder; a Hub id looks like owner/name)"
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        cached = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
+        if not isinstance(cached, str):
+            return ("is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE is set "
+                    f"(cache: {constants.HF_HUB_CACHE})")
+    return None
+
+
+def check_model_path(name_or_path: str, *, key: str = "model.name_or_path", revision: str | None = None) -> None:
+    """Raises a one-line ConfigError naming `key` when `model_path_problem` finds one. Called by every loader before
+    transformers is asked (recipes validate configs whose folders a previous step has yet to write, so the check
+    belongs to loading, not to config validation)."""
+    problem = model_path_problem(name_or_path, revision)
+    if problem:
+        raise ConfigError(f"{key}: '{name_or_path}' {problem}")
+
+
 def load_tokenizer(config: ModelConfig):
     from transformers import AutoTokenizer
+
+    check_model_path(config.name_or_path, revision=config.revision)
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.name_or_path, revision=config.revision,
@@ -86,11 +129,13 @@ def load_tokenizer(config: ModelConfig):
     return tokenizer
 
 
-def load_causal_lm(config: ModelConfig, name_or_path: str | None = None):
-    """Loads `name_or_path` (default: the policy's) with the policy's dtype and attention settings."""
+def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, *, key: str = "model.name_or_path"):
+    """Loads `name_or_path` (default: the policy's) with the policy's dtype and attention settings; `key` names the
+    config key it came from in errors."""
     from transformers import AutoModelForCausalLM
 
     path = name_or_path or config.name_or_path
+    check_model_path(path, key=key, revision=config.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=config.torch_dtype(), attn_implementation=config.attn_implementation,

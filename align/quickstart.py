@@ -9,13 +9,17 @@
                                                                                               → summary.json,
                                                                                                 gold_reward.png
 
-The whole directory is built under a temporary name and renamed when complete.
+Everything is built under a temporary name; when complete, the quickstart's own entries (`QUICKSTART_OUTPUTS`)
+replace those of a previous quickstart in the output folder, each renamed into place, and nothing else there is
+touched (a run trained into `outputs/quickstart/dpo-rerun`, a user's notes). A non-empty folder that no quickstart
+wrote is refused unless `overwrite` is set.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 from align import toy_world
-from align.io import atomic_directory, atomic_write_json
+from align.io import atomic_write_json, scratch_directory
 
 #: The f-DPO stage, identical to `configs/quickstart.yaml` (a test keeps them equal). Paths are relative to the
 #: quickstart's output directory.
@@ -45,6 +49,11 @@ QUICKSTART_RECIPE = {
     },
     "seed": 0,
 }
+
+#: What the quickstart writes into its output folder; nothing else there is touched. MARKER says a quickstart wrote
+#: the folder, so a rerun may replace these entries.
+QUICKSTART_OUTPUTS = ("base", "sft", "pairs.jsonl", "dpo", "summary.json", "gold_reward.png")
+MARKER = ".align-quickstart"
 
 SFT_ROWS, SFT_EPOCHS = 3000, 2
 PAIR_PROMPTS, EVAL_PROMPTS, EVAL_SAMPLES = 1500, 256, 2
@@ -92,7 +101,44 @@ def _gold_stats(completions) -> dict:
             "length": statistics.fmean(toy_world.num_words(t) for t in texts)}
 
 
-def run_quickstart(output_dir: str | Path = "outputs/quickstart", *, seed: int = 0) -> dict:
+def check_output_folder(output_dir: Path, overwrite: bool) -> None:
+    """Refuses a non-empty `output_dir` that no quickstart wrote (it has no MARKER), unless `overwrite`."""
+    from align.errors import AlignError
+
+    if overwrite or not output_dir.is_dir() or (output_dir / MARKER).is_file():
+        return
+    held = sorted(p.name for p in output_dir.iterdir())
+    if held:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise AlignError(f"--output-dir: '{output_dir}' already holds files that no quickstart wrote ({shown}); "
+                         "choose another folder, or pass --overwrite to write the quickstart's files into it (the "
+                         "other files are kept)")
+
+
+def install_outputs(work: Path, output_dir: Path) -> list[str]:
+    """Moves the quickstart's own entries from the finished `work` folder into `output_dir`, each replacing the entry
+    of the same name by a rename; returns the names that replaced existing ones. Other entries are left alone."""
+    import shutil
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    replaced = []
+    for name in QUICKSTART_OUTPUTS:
+        new, old = work / name, output_dir / name
+        if old.is_dir() and not old.is_symlink():
+            # A directory cannot be replaced by rename in one step: move the old one aside first.
+            trash = output_dir / f".{name}.old-{os.getpid()}"
+            os.replace(old, trash)
+            os.replace(new, old)
+            shutil.rmtree(trash)
+            replaced.append(name)
+        else:
+            replaced += [name] if old.exists() else []
+            os.replace(new, old)
+    (output_dir / MARKER).write_text(json.dumps({"outputs": list(QUICKSTART_OUTPUTS)}) + "\n")
+    return replaced
+
+
+def run_quickstart(output_dir: str | Path = "outputs/quickstart", *, seed: int = 0, overwrite: bool = False) -> dict:
     from rich.console import Console
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,8 +146,9 @@ def run_quickstart(output_dir: str | Path = "outputs/quickstart", *, seed: int =
     from align.logps import score_completions
     from align.train import train
 
-    console = Console()
     output_dir = Path(output_dir)
+    check_output_folder(output_dir, overwrite)  # before anything is built
+    console = Console()
     start = time.time()
     stages: dict[str, float] = {}
 
@@ -109,7 +156,8 @@ def run_quickstart(output_dir: str | Path = "outputs/quickstart", *, seed: int =
         stages[name] = round(time.time() - t0, 1)
         console.print(f"[green]✓[/] {name} ({stages[name]} s)")
 
-    with atomic_directory(output_dir) as work:
+    # Built in a temporary sibling folder (removed however the run ends) and installed entry by entry once complete.
+    with scratch_directory(output_dir) as work:
         t0 = time.time()
         console.rule("[bold]align quickstart[/]: toy world, SFT → pairs → f-DPO")
         toy_world.save_base_model(work / "base", seed=seed)
@@ -180,8 +228,12 @@ def run_quickstart(output_dir: str | Path = "outputs/quickstart", *, seed: int =
         _plot(before["gold"], after["gold"], summary, work / "gold_reward.png")
         summary["wall_time_s"] = round(time.time() - start, 1)
         atomic_write_json(work / "summary.json", summary)
+        replaced = install_outputs(work, output_dir)
 
     _print_table(console, summary, output_dir)
+    if replaced:
+        console.print(f"replaced the previous quickstart's {', '.join(replaced)} in {output_dir}; other files there "
+                      "are kept")
     return summary
 
 

@@ -10,11 +10,12 @@ import logging
 from pathlib import Path
 
 import yaml
+from transformers import TrainerCallback
 
 from align.config import (TrainConfig, config_to_dict, objective_params, reference_section,
                           training_arguments_kwargs)
-from align.data import build_preference_dataset
-from align.io import atomic_directory, atomic_write_json, atomic_write_text
+from align.data import build_preference_dataset, check_preference_data
+from align.io import SetupGuard, atomic_directory, atomic_write_json, atomic_write_text
 from align.modeling import load_policy, load_tokenizer
 from align.references import build_reference
 from align.trainer import PreferenceTrainer, disable_dropout, latest_checkpoint, training_arguments
@@ -65,6 +66,21 @@ def check_output_dir(args, overwrite: bool) -> None:
                           "choose another output_dir")
 
 
+class RunStarted(TrainerCallback):
+    """At `on_train_begin`, once a resumed checkpoint has loaded and been checked: the set-up is over, so the
+    output folder's `SetupGuard` stands down and the resolved recipe is written as `align_config.yaml`. Written any
+    earlier, a run that fails in set-up (or refuses to resume) would rewrite the recipe beside an existing model."""
+
+    def __init__(self, guard: SetupGuard, config):
+        self.guard, self.config = guard, config
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            atomic_write_text(Path(args.output_dir) / "align_config.yaml",
+                              yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        self.guard.started()
+
+
 def resume_point(args, output_dir: Path) -> str | None:
     """The checkpoint `training.resume_from_checkpoint` names: a path, or for `latest` the newest complete one."""
     resume = args.resume_from_checkpoint
@@ -76,6 +92,10 @@ def resume_point(args, output_dir: Path) -> str | None:
         if resume is None:
             logger.warning("resume_from_checkpoint: latest: no complete checkpoint in %s; training from the start",
                            output_dir)
+    if resume and not Path(resume).is_dir():
+        from align.errors import ConfigError
+
+        raise ConfigError(f"training.resume_from_checkpoint: '{resume}' is not a checkpoint directory")
     if resume:
         logger.info("resuming from %s", resume)
     return resume or None
@@ -117,23 +137,28 @@ def train_pairs(config: TrainConfig) -> dict:
     # `from_pretrained` partitions the weights as it loads them.
     args = training_arguments(training_arguments_kwargs(config.training), seed=config.seed)
     check_output_dir(args, config.overwrite)  # before anything is loaded or written
+    output_dir = Path(args.output_dir)
+    resume = resume_point(args, output_dir)
+    # The rows are read and checked before any tokenizer or model loads: a bad row is reported in seconds.
+    checked = check_preference_data(config.data)
     set_seed(config.seed)
 
-    # Data is loaded and checked before anything is written, so bad input leaves no half-made output directory.
-    tokenizer = load_tokenizer(config.model)
-    train_dataset, train_report = build_preference_dataset(config.data, tokenizer, "train")
-    eval_dataset = None
-    if config.data.eval is not None:
-        eval_dataset, _ = build_preference_dataset(config.data, tokenizer, "eval")
+    # An error anywhere before training starts (data, model, reference precompute, a refused resume) leaves
+    # output_dir as it was: transformers.Trainer creates it in its constructor.
+    with SetupGuard(output_dir, main_process=args.should_save) as guard:
+        tokenizer = load_tokenizer(config.model)
+        train_dataset, train_report = build_preference_dataset(config.data, tokenizer, "train", checked=checked)
+        eval_dataset = None
+        if config.data.eval is not None:
+            eval_dataset, _ = build_preference_dataset(config.data, tokenizer, "eval", checked=checked)
 
-    policy, reference, objective = build_policy_reference_objective(config)
+        policy, reference, objective = build_policy_reference_objective(config)
 
-    trainer = PreferenceTrainer(model=policy, args=args, objective=objective, reference=reference,
-                                train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
-    output_dir = Path(args.output_dir)
-    if trainer.is_world_process_zero():
-        atomic_write_text(output_dir / "align_config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    result = trainer.train(resume_from_checkpoint=resume_point(args, output_dir))
+        trainer = PreferenceTrainer(model=policy, args=args, objective=objective, reference=reference,
+                                    train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+                                    callbacks=[RunStarted(guard, config)],
+                                    resume_with_changed_parameters=config.resume_with_changed_parameters)
+        result = trainer.train(resume_from_checkpoint=resume)
     final_dir = save_final(trainer, output_dir)
     summary = {
         "train_runtime_s": result.metrics.get("train_runtime"),

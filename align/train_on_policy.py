@@ -16,15 +16,14 @@ import logging
 import time
 from pathlib import Path
 
-import yaml
-
 from align.config import OnPolicyTrainConfig, config_to_dict
 from align.data import tokenize_prompts
-from align.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from align.io import SetupGuard, atomic_save_figure, atomic_write_json
 from align.modeling import load_tokenizer
 from align.prompts import load_prompts, prompts_source
 from align.rewards import RewardConfig, RewardFunction, load_callable_reward
-from align.train import build_policy_reference_objective, check_output_dir, init_deepspeed_on_cpu, resume_point, save_final
+from align.train import (RunStarted, build_policy_reference_objective, check_output_dir, init_deepspeed_on_cpu,
+                         resume_point, save_final)
 
 logger = logging.getLogger("align.train_on_policy")
 
@@ -61,39 +60,42 @@ def train_on_policy(config: OnPolicyTrainConfig) -> dict:
     init_deepspeed_on_cpu(config.training)
     args = training_arguments(config.training, seed=config.seed)
     check_output_dir(args, config.overwrite)  # before anything is loaded or written
+    output_dir = Path(args.output_dir)
+    resume = resume_point(args, output_dir)
+    # Prompt files are read and checked before any tokenizer or model loads.
+    prompts = load_prompts(config.prompts)
+    eval_prompts = load_prompts(config.evaluation.prompts) if config.evaluation.prompts is not None else None
     set_seed(config.seed)
 
-    # Inputs first: prompts, the reward (an ensemble loads and is checked here), the sampler's preconditions.
-    tokenizer = load_tokenizer(config.model)
-    prompts = load_prompts(config.prompts)
-    prompt_ids = tokenize_prompts(tokenizer, prompts, source=prompts_source(config.prompts))
-    eval_prompts = eval_ids = None
-    if config.evaluation.prompts is not None:
-        eval_prompts = load_prompts(config.evaluation.prompts)
-        eval_ids = tokenize_prompts(tokenizer, eval_prompts, source=prompts_source(config.evaluation.prompts))
-    reward = build_reward(config.reward, tokenizer, prompts)
-    gold = build_reward(RewardConfig(kind="toy_world"), tokenizer, prompts) if config.evaluation.gold else None
-    if config.rollout.backend == "vllm":
-        from align.rollout.vllm import check_can_run
+    # An error anywhere before training starts leaves output_dir as it was (see align.train.RunStarted).
+    with SetupGuard(output_dir, main_process=args.should_save) as guard:
+        # Inputs first: prompts, the reward (an ensemble loads and is checked here), the sampler's preconditions.
+        tokenizer = load_tokenizer(config.model)
+        prompt_ids = tokenize_prompts(tokenizer, prompts, source=prompts_source(config.prompts))
+        eval_ids = None
+        if eval_prompts is not None:
+            eval_ids = tokenize_prompts(tokenizer, eval_prompts, source=prompts_source(config.evaluation.prompts))
+        reward = build_reward(config.reward, tokenizer, prompts)
+        gold = build_reward(RewardConfig(kind="toy_world"), tokenizer, prompts) if config.evaluation.gold else None
+        if config.rollout.backend == "vllm":
+            from align.rollout.vllm import check_can_run
 
-        check_can_run(config.model.name_or_path, engine_kwargs=config.rollout.engine_kwargs,
-                      enable_sleep_mode=config.rollout.enable_sleep_mode)
+            check_can_run(config.model.name_or_path, engine_kwargs=config.rollout.engine_kwargs,
+                          enable_sleep_mode=config.rollout.enable_sleep_mode)
 
-    policy, reference, objective = build_policy_reference_objective(config)
-    target = build_target(config.target)
-    rollout = _build_rollout(config, policy, tokenizer)
+        policy, reference, objective = build_policy_reference_objective(config)
+        target = build_target(config.target)
+        rollout = _build_rollout(config, policy, tokenizer)
 
-    trainer = OnPolicyTrainer(model=policy, args=args, objective=objective, reference=reference, target=target,
-                              reward=reward, rollout=rollout, generation=config.generation,
-                              train_dataset=PromptDataset(prompts, prompt_ids), processing_class=tokenizer,
-                              gold_reward=gold)
-    output_dir = Path(args.output_dir)
-    if trainer.is_world_process_zero():
-        atomic_write_text(output_dir / "align_config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        trainer = OnPolicyTrainer(model=policy, args=args, objective=objective, reference=reference, target=target,
+                                  reward=reward, rollout=rollout, generation=config.generation,
+                                  train_dataset=PromptDataset(prompts, prompt_ids), processing_class=tokenizer,
+                                  gold_reward=gold, callbacks=[RunStarted(guard, config)],
+                                  resume_with_changed_parameters=config.resume_with_changed_parameters)
 
-    ev = config.evaluation
-    before = trainer.measure(eval_prompts, eval_ids, ev.num_samples, ev.seed) if eval_prompts else None
-    result = trainer.train(resume_from_checkpoint=resume_point(args, output_dir))
+        ev = config.evaluation
+        before = trainer.measure(eval_prompts, eval_ids, ev.num_samples, ev.seed) if eval_prompts else None
+        result = trainer.train(resume_from_checkpoint=resume)
     after = trainer.measure(eval_prompts, eval_ids, ev.num_samples, ev.seed) if eval_prompts else None
     final_dir = save_final(trainer, output_dir)
 

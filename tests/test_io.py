@@ -144,3 +144,68 @@ def test_atomic_directory_clears_a_stale_temp_from_a_crashed_run(tmp_path):
         (work / "fresh").write_text("1")
     assert _names(target) == ["fresh"]
     assert _names(tmp_path) == ["run"]
+
+
+# --- SetupGuard: an error before training starts leaves the output folder as it was --------------------------------
+
+
+def test_setup_guard_removes_a_folder_the_set_up_created(tmp_path):
+    from align.io import SetupGuard
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError), SetupGuard(out):
+        out.mkdir()
+        (out / "runs").mkdir()
+        raise RuntimeError("model failed to load")
+    assert not out.exists()
+
+
+def test_setup_guard_removes_only_what_the_set_up_added_to_an_existing_folder(tmp_path):
+    from align.io import SetupGuard
+
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "align_config.yaml").write_text("old")
+    with pytest.raises(ValueError), SetupGuard(out):
+        (out / "runs").mkdir()
+        (out / "new.txt").write_text("x")
+        raise ValueError("resume refused")
+    assert sorted(p.name for p in out.iterdir()) == ["align_config.yaml", "checkpoint-2"]
+    assert (out / "align_config.yaml").read_text() == "old"
+
+
+def test_setup_guard_keeps_everything_once_training_started_or_on_success(tmp_path):
+    from align.io import SetupGuard
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), SetupGuard(out) as guard:
+        out.mkdir()
+        guard.started()
+        (out / "checkpoint-1").mkdir()  # a checkpoint of the interrupted run: resumable, so kept
+        raise KeyboardInterrupt
+    assert (out / "checkpoint-1").is_dir()
+    with SetupGuard(tmp_path / "ok"):
+        (tmp_path / "ok").mkdir()
+    assert (tmp_path / "ok").is_dir()
+
+
+def test_setup_guard_on_a_non_main_process_removes_nothing(tmp_path):
+    from align.io import SetupGuard
+
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError), SetupGuard(out, main_process=False):
+        out.mkdir()
+        raise RuntimeError
+    assert out.is_dir()
+
+
+def test_scratch_directory_is_removed_however_the_block_ends(tmp_path):
+    from align.io import scratch_directory
+
+    with scratch_directory(tmp_path / "qs") as work:
+        (work / "a").write_text("x")
+        assert work.parent == tmp_path and work.name.startswith(".qs.tmp-")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), scratch_directory(tmp_path / "qs") as work:
+        raise RuntimeError
+    assert list(tmp_path.iterdir()) == []

@@ -22,8 +22,38 @@ def quickstart(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("quickstart")
     out = root / "qs"
+    # The folder as a previous quickstart and its user left it: the quickstart's own entries (stale), plus a run the
+    # user trained there and a notes file, which a rerun must keep.
+    from align.quickstart import MARKER
+
+    (out / "sft").mkdir(parents=True)
+    (out / "sft" / "stale.bin").write_bytes(b"old")
+    (out / "summary.json").write_text("{}")
+    (out / MARKER).write_text("{}")
+    (out / "dpo-rerun" / "final").mkdir(parents=True)
+    (out / "dpo-rerun" / "final" / "model.safetensors").write_bytes(b"user run")
+    (out / "notes.md").write_text("my notes")
     returned = run_quickstart(out)
     return root, out, returned
+
+
+def test_a_rerun_replaces_only_the_quickstarts_own_files(quickstart):
+    _, out, _ = quickstart
+    assert (out / "notes.md").read_text() == "my notes"
+    assert (out / "dpo-rerun" / "final" / "model.safetensors").read_bytes() == b"user run"
+    assert not (out / "sft" / "stale.bin").exists()  # the whole old sft/ was replaced, not merged
+    assert (out / "sft" / "config.json").is_file()
+
+
+def test_a_foreign_non_empty_folder_is_refused_before_anything_runs(tmp_path, capsys):
+    from align.cli import main
+
+    (tmp_path / "mine.txt").write_text("keep")
+    assert main(["quickstart", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds files that no quickstart wrote (mine.txt)" in err
+    assert "--overwrite" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
 
 
 def test_summary_has_finite_numbers(quickstart):
@@ -91,8 +121,10 @@ def test_dpo_final_loads_and_differs_from_sft(quickstart):
 def test_no_temporary_siblings_left(quickstart):
     root, out, _ = quickstart
     assert [p.name for p in root.iterdir()] == ["qs"]
+    from align.quickstart import MARKER
+
     hidden = [str(p.relative_to(out)) for p in out.rglob(".*")]
-    assert hidden == []
+    assert hidden == [MARKER]
 
 
 def test_saved_recipe_and_summary_name_the_final_paths(quickstart):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -294,8 +295,10 @@ def test_resume_with_changed_parameters_is_refused_naming_each_change(runs, root
     out = root / "changed-parameters"
     out.mkdir()
     shutil.copytree(runs["a"] / "checkpoint-8", out / "checkpoint-8")
-    status = main(["train", "--config", "/dev/null", *overrides(root, out, "objective.beta=0.2", "reference.alpha=0.25",
-                                                               "training.resume_from_checkpoint=latest")])
+    (out / "align_config.yaml").write_text("the recipe of the run that wrote checkpoint-8\n")
+    listing = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    changed = ("objective.beta=0.2", "reference.alpha=0.25", "training.resume_from_checkpoint=latest")
+    status = main(["train", "--config", "/dev/null", *overrides(root, out, *changed)])
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("align: error:")]
     assert status == 2 and "Traceback" not in stderr
@@ -304,3 +307,14 @@ def test_resume_with_changed_parameters_is_refused_naming_each_change(runs, root
                 "resume_with_changed_parameters=true to continue with the new values, or train into a new output_dir")
     assert errors == [expected]
     assert not (out / "final").exists() and complete_steps(out) == [8]
+    # The refused run left the folder as it was: its recipe was not written over the one beside the checkpoint.
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing
+    assert (out / "align_config.yaml").read_text() == "the recipe of the run that wrote checkpoint-8\n"
+
+    # With the override the recipe resumes under the new values and records them.
+    status = main(["train", "--config", "/dev/null", *overrides(root, out, *changed),
+                   "resume_with_changed_parameters=true"])
+    assert status == 0, capsys.readouterr().err[-2000:]
+    assert (out / "final").is_dir()
+    resolved = yaml.safe_load((out / "align_config.yaml").read_text())
+    assert resolved["objective"]["beta"] == 0.2 and resolved["resume_with_changed_parameters"] is True

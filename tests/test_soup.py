@@ -127,6 +127,14 @@ def test_align_soup_bad_input_is_one_line_and_writes_nothing(ingredients, odd_in
     assert list(tmp_path.iterdir()) == []
 
 
+def test_align_soup_weights_before_the_checkpoints_as_help_shows(ingredients, tmp_path):
+    """`align soup --out X --weights 0.7 0.3 CKPT CKPT`, the order of `--help` (issue 12, finding 7)."""
+    proc = run_cli("--out", str(tmp_path / "soup"), "--weights", "0.7", "0.3", *ingredients[:2], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "soup" / "soup.json").read_text())
+    assert manifest == {"checkpoints": [str(c) for c in ingredients[:2]], "weights": [0.7, 0.3]}
+
+
 def test_align_soup_refuses_an_existing_output(ingredients, tmp_path):
     (tmp_path / "soup").mkdir()
     (tmp_path / "soup" / "keep.txt").write_text("mine")

@@ -29,7 +29,8 @@ class FrozenReference(Reference):
         super().__init__(params, policy=policy, model_config=model_config)
         # Loading from the path (rather than deep-copying the policy) also works under ZeRO-3, where the policy's
         # parameters are already partitioned when the reference is built.
-        self.model = load_causal_lm(model_config, params.name_or_path).eval().requires_grad_(False)
+        self.model = load_causal_lm(model_config, params.name_or_path, key="reference.name_or_path")
+        self.model.eval().requires_grad_(False)
 
     def prepare(self, accelerator) -> None:
         super().prepare(accelerator)

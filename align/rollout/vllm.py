@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 
 import torch
@@ -77,7 +78,15 @@ def import_vllm():
     # Read when the engine is built: an in-process engine core lets `load_weights` stream tensors to the model
     # instead of pickling a state dict to a worker process.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_rotary_reload_filter)
     return vllm
+
+
+def _rotary_reload_filter(record: logging.LogRecord) -> bool:
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" on every weight sync: a rotary layer holds only its
+    cos/sin cache, which no checkpoint (and no synced state dict) carries; vLLM puts the cache back itself, so the
+    warning, printed once per sync, says nothing a user can act on."""
+    return not (record.getMessage().endswith("Failed to load weights") and "RotaryEmbedding" in record.getMessage())
 
 
 def _parse_version(text: str) -> tuple[int, ...]:
