@@ -11,6 +11,7 @@ A reward-model recipe has the sections and scalars below (the keys are the same 
     training:     any `transformers.TrainingArguments` field (output_dir, learning_rate, deepspeed, report_to, …)
     seed:         int
     disable_dropout: bool
+    overwrite:    bool               write into an output_dir that already holds a run (default: refused)
 
 Loading reuses align's machinery (`align.config.load_yaml`, `apply_override`, `from_dict`,
 `training_arguments_kwargs`): an unknown key or a value of the wrong type is a one-line `ConfigError` naming the
@@ -22,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
 
 from align.config import from_dict, load_recipe, training_arguments_kwargs
 from align.data import DataConfig
@@ -150,6 +150,10 @@ class RMConfig:
         default=True, metadata={"help": "Set every dropout probability to 0 (TRL's RewardConfig default): the reward "
                                         "of a pair is then the same in training and scoring."},
     )
+    overwrite: bool = field(default=False, metadata={
+        "help": "Write into a training.output_dir that already holds files, replacing its ensemble/ (by default "
+                "refused, so that a finished run is never overwritten; resuming with "
+                "training.resume_from_checkpoint=latest is always allowed into a run without an ensemble/)."})
 
     def __post_init__(self):
         if self.model.lora is not None:
@@ -214,6 +218,15 @@ def validate_rm_config(raw: dict) -> RMConfig:
     for key, instead in _TRAINING_KEYS_REFUSED.items():
         if key in config.training:
             raise ConfigError(f"training.{key}: not used by align rm train; {instead}")
+    resume = config.training.get("resume_from_checkpoint")
+    if resume is not None:
+        if not isinstance(resume, str) or not resume:
+            raise ConfigError(f"training.resume_from_checkpoint: expected 'latest' or a checkpoint directory, got "
+                              f"{resume!r}")
+        if resume != "latest" and config.ensemble.kind == "seeds":
+            raise ConfigError("training.resume_from_checkpoint: kind seeds trains one run per member, each with its "
+                              "own checkpoints (member-k/checkpoint-N); resume with 'latest', which takes every "
+                              "member's newest complete checkpoint")
     if "output_dir" not in config.training:
         raise ConfigError("training.output_dir: required key is missing")
     for key in ("activation_checkpointing", "gradient_checkpointing"):
@@ -228,6 +241,4 @@ def validate_rm_config(raw: dict) -> RMConfig:
 _TRAINING_KEYS_REFUSED = {
     "seed": "set the top-level `seed` (and ensemble.seeds for the members)",
     "data_seed": "the data order follows `seed` or, with ensemble.data_order per_member, each member's seed",
-    "resume_from_checkpoint": "resuming a reward-model run is not supported yet; start it again in a new "
-                              "training.output_dir",
 }

@@ -2,12 +2,24 @@
 
 Reads top to bottom, like `align/train.py`. Outputs under `training.output_dir`:
 
-    ensemble/          the trained ensemble (`RewardEnsemble.save`: manifest.json + weights, written atomically)
+    ensemble/          the trained ensemble (`RewardEnsemble.save`: manifest.json + weights, written atomically;
+                       the manifest records data.max_length, the longest row training saw, as scoring's default)
     rm_config.yaml     the resolved recipe
     rm_summary.json    per-member and ensemble pairwise accuracy and ECE on the eval pairs, label-noise count,
                        data report, each training run's log history
     calibration.png    reliability diagram of every member and of the ensemble on the eval pairs
     member-k/          (kind seeds) member k's Trainer directory: checkpoints, TensorBoard logs, if asked for
+    checkpoint-N/      (kinds multi_head, lora) the joint run's checkpoints, if asked for
+
+Resuming (`training.resume_from_checkpoint=latest`, the same command relaunched). A checkpoint is one Trainer run's
+(`align.trainer.CHECKPOINT_MARKER` written last, as `align train` does): for kind seeds each member's run has its
+own, under member-k/, and every member resumes from its newest complete one, so a member that had finished resumes
+from the checkpoint of its last step and trains no further step, the member that was cut short continues where its
+checkpoint left off, and the members after it start from scratch (each member's run is seeded on its own, so none
+of them depends on how the others ran). The run then ends with the ensemble and evaluation an uninterrupted run
+gives, bit for bit (tested by killing a run). Without any complete checkpoint `latest` starts from scratch with a
+warning. An output_dir that already holds files is refused unless the run resumes or `overwrite=true`; one that
+holds an ensemble/ (a finished run) is refused unless `overwrite=true`.
 
 How the kinds train (METHODS §8):
 - `seeds`: K SEQUENTIAL Trainer runs, run k training member k alone with seed `ensemble.seeds[k]` (its data order
@@ -53,7 +65,7 @@ def train_reward_model(config: RMConfig) -> dict:
     from transformers import set_seed
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from align.train import init_deepspeed_on_cpu
+    from align.train import check_output_dir, init_deepspeed_on_cpu
 
     start = time.time()
     init_deepspeed_on_cpu(config.training)
@@ -65,9 +77,11 @@ def train_reward_model(config: RMConfig) -> dict:
                           "(launch/zero2.json or zero2_offload.json, ZERO=zero2 with the launch scripts)")
     output_dir = Path(args.output_dir)
     ensemble_dir = output_dir / "ensemble"
-    if ensemble_dir.exists() and (not ensemble_dir.is_dir() or any(ensemble_dir.iterdir())):
-        raise AlignError(f"{ensemble_dir}: already exists; an ensemble is never overwritten (choose another "
-                         f"training.output_dir or remove it)")
+    if (ensemble_dir.exists() and (not ensemble_dir.is_dir() or any(ensemble_dir.iterdir()))
+            and not config.overwrite):
+        raise AlignError(f"{ensemble_dir}: already exists (the run that wrote it finished); an ensemble is never "
+                         f"overwritten: choose another training.output_dir, remove it, or set overwrite=true")
+    check_output_dir(args, config.overwrite)  # a run's folder: refused unless resuming or overwrite=true
     method, agg_params, normalize = config.aggregation_params()
     set_seed(config.seed)
 
@@ -83,6 +97,9 @@ def train_reward_model(config: RMConfig) -> dict:
     ensemble = RewardEnsemble.build(config.ensemble.kind, config.model, config.ensemble.members,
                                     seeds=config.member_seeds, aggregation={"method": method, **agg_params},
                                     lora=config.lora)
+    # Saved in the manifest: scoring cuts rows as training did (data.py keeps a long row's last tokens).
+    ensemble.set_tokenization(config.data.max_length, "left")
+    resumes = _resume_points(config, args, output_dir)
     if config.disable_dropout:
         disable_dropout(ensemble)
 
@@ -112,12 +129,12 @@ def train_reward_model(config: RMConfig) -> dict:
                         data_seed)
             trainer = trainer_for(view, member_args, member_names=[f"member_{k}"],
                                   callbacks=[OneTrackerRunPerMember()])
-            runs.append(_run(trainer, [k]))
+            runs.append(_run(trainer, [k], resumes[k]))
             ensemble.members[k].to("cpu")  # memory-light: only the member in training sits on the accelerator
             _release(trainer)
     else:
         trainer = trainer_for(ensemble, args)
-        runs.append(_run(trainer, list(range(config.ensemble.members))))
+        runs.append(_run(trainer, list(range(config.ensemble.members)), resumes[0]))
         _release(trainer)
 
     summary = {
@@ -131,6 +148,7 @@ def train_reward_model(config: RMConfig) -> dict:
         "data": vars(train_report),
         "ensemble_dir": str(ensemble_dir),
         "global_steps": [run["global_step"] for run in runs],
+        "resumed_from": resumes,
         "runs": runs,
     }
     if not is_main:  # every rank trained; the main one evaluates, saves and reports
@@ -156,7 +174,7 @@ def train_reward_model(config: RMConfig) -> dict:
     else:
         summary["eval"] = None
     summary["normalization"] = ensemble.normalization
-    ensemble.to("cpu").save(ensemble_dir)
+    ensemble.to("cpu").save(ensemble_dir, overwrite=config.overwrite)
     summary["wall_time_s"] = round(time.time() - start, 1)
     atomic_write_json(output_dir / "rm_summary.json", summary)
     return summary
@@ -175,8 +193,30 @@ class OneTrackerRunPerMember(TrainerCallback):
             wandb.finish()
 
 
-def _run(trainer: RewardTrainer, members: list[int]) -> dict:
-    result = trainer.train()
+def _resume_points(config: RMConfig, args, output_dir: Path) -> list[str | None]:
+    """The checkpoint each Trainer run resumes from (None: from scratch): one per member for kind seeds (each
+    member's newest complete one under member-k/), one for the joint run of the other kinds (`align.train`'s
+    `resume_point`: `latest` or a path)."""
+    from align.train import resume_point
+    from align.trainer import latest_checkpoint
+
+    if config.ensemble.kind != "seeds":
+        return [resume_point(args, output_dir)]
+    members = config.ensemble.members
+    if args.resume_from_checkpoint != "latest":  # config validation allows only `latest` for kind seeds
+        return [None] * members
+    points = [latest_checkpoint(str(output_dir / member_name(k))) for k in range(members)]
+    if not any(points):
+        logger.warning("resume_from_checkpoint: latest: no complete checkpoint in %s/member-*/; training from the "
+                       "start", output_dir)
+    for k, point in enumerate(points):
+        if point:
+            logger.info("%s resumes from %s", member_name(k), point)
+    return points
+
+
+def _run(trainer: RewardTrainer, members: list[int], resume: str | None = None) -> dict:
+    result = trainer.train(resume_from_checkpoint=resume)
     return {"members": members, "global_step": trainer.state.global_step, "train_loss": result.training_loss,
             "train_runtime_s": result.metrics.get("train_runtime"), "log_history": trainer.state.log_history}
 
