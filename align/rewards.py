@@ -122,7 +122,8 @@ class RewardConfig:
         "help": "kind callable: 'package.module:function', called as fn(prompts, completions) -> [B] or [B, K]."})
     batch_size: int = field(default=64, metadata={"help": "kind ensemble: rows per scoring forward."})
     max_length: int | None = field(default=None, metadata={
-        "help": "kind ensemble: keep the last max_length tokens of longer prompt + completion rows (null: all)."})
+        "help": "kind ensemble: keep the last max_length tokens of longer prompt + completion rows (null: the "
+                "ensemble's trained max_length, from its manifest; all tokens for an ensemble saved without one)."})
 
     def __post_init__(self):
         if self.kind not in REWARD_KINDS:
