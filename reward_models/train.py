@@ -79,8 +79,8 @@ def train_reward_model(config: RMConfig) -> dict:
     ensemble_dir = output_dir / "ensemble"
     if (ensemble_dir.exists() and (not ensemble_dir.is_dir() or any(ensemble_dir.iterdir()))
             and not config.overwrite):
-        raise AlignError(f"{ensemble_dir}: already exists (the run that wrote it finished); an ensemble is never "
-                         f"overwritten: choose another training.output_dir, remove it, or set overwrite=true")
+        raise AlignError(f"{ensemble_dir}: already exists (the run that wrote it finished) and is kept: choose "
+                         f"another training.output_dir, remove it, or set overwrite=true to replace it")
     check_output_dir(args, config.overwrite)  # a run's folder: refused unless resuming or overwrite=true
     method, agg_params, normalize = config.aggregation_params()
     set_seed(config.seed)
