@@ -179,3 +179,24 @@ def test_output_dir_with_files_is_refused_unless_resuming_or_overwriting(recipe,
     assert main(["rm", "train", "--config", str(recipe), f"training.output_dir={out}", "training.max_steps=1",
                  "training.save_strategy=no", "overwrite=true"]) == 0
     assert (out / "ensemble" / "manifest.json").is_file()
+
+
+def test_a_checkpoint_written_by_another_recipe_is_refused(recipe, tmp_path, capsys):
+    """The marker records kind, members and seeds: resumed with other seeds, the weights would be another
+    ensemble's. A multi_head run that checkpointed and died before saving its ensemble (removed here)."""
+    import shutil
+
+    out = tmp_path / "run"
+    common = ["rm", "train", "--config", str(recipe), f"training.output_dir={out}", "ensemble.kind=multi_head",
+              "training.max_steps=2", "training.save_steps=2"]
+    assert main(common) == 0
+    shutil.rmtree(out / "ensemble")
+    capsys.readouterr()
+    code = main([*common, "ensemble.seeds=[5, 6]", "training.resume_from_checkpoint=latest"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("align: error:")]
+    assert code == 2 and len(lines) == 1, err
+    assert f"{out / 'checkpoint-2'}: written with seeds [0, 1] (this run: [5, 6])" in lines[0]
+    # the same recipe resumes it (its last step: nothing more to train) and saves the ensemble
+    assert main([*common, f"training.resume_from_checkpoint={out / 'checkpoint-2'}"]) == 0
+    assert json.loads((out / "rm_summary.json").read_text())["resumed_from"] == [str(out / "checkpoint-2")]
