@@ -35,6 +35,7 @@ All bad input (recipe, data rows, model path, an existing `ensemble/`) is report
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import sys
 import time
@@ -216,8 +217,17 @@ def _resume_points(config: RMConfig, args, output_dir: Path) -> list[str | None]
 
 
 def _run(trainer: RewardTrainer, members: list[int], resume: str | None = None) -> dict:
+    """One Trainer run → its summary entry. `train_loss` and `train_runtime_s` cover the steps this launch trained
+    (`steps_this_launch`; a resumed run's earlier steps are in `log_history`); None when it trained none (a member
+    resumed from the checkpoint of its last step)."""
+    start = 0
+    if resume is not None:
+        with open(Path(resume) / "trainer_state.json") as f:
+            start = int(json.load(f)["global_step"])
     result = trainer.train(resume_from_checkpoint=resume)
-    return {"members": members, "global_step": trainer.state.global_step, "train_loss": result.training_loss,
+    trained = trainer.state.global_step - start
+    return {"members": members, "global_step": trainer.state.global_step, "steps_this_launch": trained,
+            "train_loss": result.training_loss if trained else None,
             "train_runtime_s": result.metrics.get("train_runtime"), "log_history": trainer.state.log_history}
 
 

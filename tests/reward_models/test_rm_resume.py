@@ -135,6 +135,9 @@ def test_killed_and_resumed_rm_run_equals_the_uninterrupted_one(recipe, tmp_path
     assert summary_b["eval"] == summary_a["eval"]  # every member's and the ensemble's accuracy, ECE, margin, bins
     assert summary_b["global_steps"] == summary_a["global_steps"] == [MAX_STEPS, MAX_STEPS]
     assert summary_a["resumed_from"] == [None, None]
+    assert [r["steps_this_launch"] for r in summary_a["runs"]] == [MAX_STEPS, MAX_STEPS]
+    assert [r["steps_this_launch"] for r in summary_b["runs"]] == [0, MAX_STEPS - killed_at]
+    assert summary_b["runs"][0]["train_loss"] is None and summary_b["runs"][1]["train_loss"] > 0
     assert summary_b["resumed_from"] == [str(out_b / "member-0" / f"checkpoint-{MAX_STEPS}"),
                                          str(out_b / "member-1" / f"checkpoint-{killed_at}")]
     # member 1's steps after the checkpoint were trained again, with the uninterrupted run's losses
