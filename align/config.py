@@ -365,6 +365,9 @@ def training_kwargs(section: dict, *, seed: int) -> dict:
         kwargs.setdefault("dataloader_pin_memory", False)  # pinned memory only helps host-to-GPU copies
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             kwargs.setdefault("ddp_backend", "gloo")
+    # transformers hides the training bar when its logger is quieter than WARNING, which `align` sets by default to
+    # hide load reports (align.cli): the bar is the one progress display of training, so it stays unless asked off.
+    kwargs.setdefault("disable_tqdm", False)
     kwargs["remove_unused_columns"] = False  # our batches are built by SharedPromptCollator, not by column names
     return kwargs
 

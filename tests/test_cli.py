@@ -138,6 +138,18 @@ def _incomplete_checkpoint(d, model):
     return _recipe(model, _good_data(d), training={"resume_from_checkpoint": "checkpoint-3"})
 
 
+def _malformed_jsonl(d, model):
+    lines = [json.dumps(r) for r in _rows()]
+    lines[2] = lines[2][:-5]  # a line cut short
+    (d / "cut.jsonl").write_text("\n".join(lines) + "\n")
+    return _recipe(model, "cut.jsonl")
+
+
+def _empty_file(d, model):
+    (d / "empty.jsonl").write_text("")
+    return _recipe(model, "empty.jsonl")
+
+
 def _bad_data_and_missing_model(d, model):
     # The README's `data.train=bad.jsonl` example on a fresh clone: the data error comes first, before any model.
     recipe = _missing_field(d, model)
@@ -170,6 +182,8 @@ CASES = [
     Case("missing_model_path", _missing_model_path, ("model.name_or_path", "'outputs/nope'", "does not exist")),
     Case("bad_resume_path", _bad_resume_path, ("training.resume_from_checkpoint", "'nowhere'", "not a checkpoint")),
     Case("incomplete_checkpoint", _incomplete_checkpoint, ("checkpoint-3", "missing align_state_0.pt"), quiet=False),
+    Case("malformed_jsonl", _malformed_jsonl, ("cut.jsonl", "line 3", "not valid JSON")),
+    Case("empty_data_file", _empty_file, ("empty.jsonl", "file is empty (no rows)")),
     Case("bad_data_before_missing_model", _bad_data_and_missing_model, ("missing_field.jsonl", "row 3", "'rejected'")),
 ]
 CASE_IDS = [c.name for c in CASES]
@@ -275,6 +289,10 @@ def test_train_runs_and_writes_its_outputs(outcomes):
     assert "Traceback" not in o.proc.stdout + o.proc.stderr
     assert "align: error" not in o.proc.stderr
     assert "trained 2 steps; final model in run/final" in o.proc.stdout.splitlines()
+    # Quiet by default: align's own lines and the training bar, no transformers load bars or reports.
+    for noise in ("Loading weights", "Writing model shards", "FutureWarning", "MISSING"):
+        assert noise not in o.proc.stderr, noise
+    assert "100%" in o.proc.stderr  # the training bar is the one bar shown
 
     run = o.cwd / "run"
     assert {"final", "align_config.yaml", "train_summary.json"} <= {p.name for p in run.iterdir()}

@@ -180,6 +180,12 @@ def test_single_node_zero2_two_processes(job):
     assert_trained_on_two_processes(out, job["model"])
     resolved = yaml.safe_load((out / "align_config.yaml").read_text())
     assert resolved["training"]["deepspeed"] == str(LAUNCH / "zero2.json")  # what the script appended
+    # Quiet by default (issue 12, finding 8): the summary line once, not once per process; no library
+    # FutureWarnings, per-load weight bars or load reports.
+    output = proc.stdout + proc.stderr
+    assert output.count("trained ") == 1, output[-3000:]
+    for noise in ("FutureWarning", "Loading weights", "Writing model shards", "MISSING"):
+        assert noise not in output, noise
 
 
 def test_multi_node_two_nodes_without_ssh(job):
