@@ -284,6 +284,35 @@ def test_load_weights_after_an_optimizer_step_samples_from_the_new_weights(vllm_
 
 
 @pytest.mark.vllm
+def test_weight_sync_does_not_warn_about_the_rotary_cache(vllm_rollout, tiny_model_dir):
+    """vLLM warns "RotaryEmbedding: Failed to load weights" on every in-place reload (the layer holds only its cos/sin
+    cache, which no state dict carries, and vLLM restores it): align filters that one line (issue 12, noise)."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from align.rollout.vllm import _rotary_reload_filter
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    try:
+        logger.removeFilter(_rotary_reload_filter)
+        vllm_rollout.load_weights(base)
+        assert "RotaryEmbedding: Failed to load weights" in seen  # what vLLM says without the filter
+        seen.clear()
+        logger.addFilter(_rotary_reload_filter)
+        vllm_rollout.load_weights(base)
+        assert not [m for m in seen if "RotaryEmbedding" in m]
+    finally:
+        logger.addFilter(_rotary_reload_filter)
+        logger.removeHandler(handler)
+
+
+@pytest.mark.vllm
 def test_lora_policy_is_synced_as_merged_weights(vllm_rollout, tiny_model_dir, tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
