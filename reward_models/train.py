@@ -47,7 +47,7 @@ from transformers import TrainerCallback
 
 from align.config import config_to_dict
 from align.errors import AlignError, ConfigError
-from align.io import atomic_write_json, atomic_write_text
+from align.io import SetupGuard, atomic_write_json, atomic_write_text
 from align.modeling import load_tokenizer
 from align.trainer import disable_dropout
 from reward_models.config import RMConfig
@@ -86,57 +86,58 @@ def train_reward_model(config: RMConfig) -> dict:
     method, agg_params, normalize = config.aggregation_params()
     set_seed(config.seed)
 
-    # Data first (fast, and the most common bad input): errors name the file, row and field.
-    tokenizer = load_tokenizer(config.model)
-    train_data, train_report = build_reward_dataset(config.data, tokenizer, "train")
-    eval_data = build_reward_dataset(config.data, tokenizer, "eval")[0] if config.data.eval is not None else None
-    # Label noise (Coste et al.: 25%): exactly round(fraction·N) training pairs swap chosen and rejected, the same
-    # pairs for every member (the members share one noisy dataset, as proxies trained on one labelled set do).
-    flipped = inject_label_noise(len(train_data), config.loss.label_noise, config.seed)
-    train_data.flip(flipped)
+    # An error anywhere before training starts (data, model, a refused resume) leaves output_dir as it was, as in
+    # `align train`: transformers.Trainer creates its folder in its constructor. rm_config.yaml is written when the
+    # first run begins, after a resumed checkpoint has loaded and been checked.
+    started = RecipeAtStart(output_dir, config, SetupGuard(output_dir, main_process=args.should_save))
+    with started.guard:
+        # Data first (fast, and the most common bad input): errors name the file, row and field.
+        tokenizer = load_tokenizer(config.model)
+        train_data, train_report = build_reward_dataset(config.data, tokenizer, "train")
+        eval_data = build_reward_dataset(config.data, tokenizer, "eval")[0] if config.data.eval is not None else None
+        # Label noise (Coste et al.: 25%): exactly round(fraction·N) training pairs swap chosen and rejected, the same
+        # pairs for every member (the members share one noisy dataset, as proxies trained on one labelled set do).
+        flipped = inject_label_noise(len(train_data), config.loss.label_noise, config.seed)
+        train_data.flip(flipped)
 
-    ensemble = RewardEnsemble.build(config.ensemble.kind, config.model, config.ensemble.members,
-                                    seeds=config.member_seeds, aggregation={"method": method, **agg_params},
-                                    lora=config.lora)
-    # Saved in the manifest: scoring cuts rows as training did (data.py keeps a long row's last tokens).
-    ensemble.set_tokenization(config.data.max_length, "left")
-    resumes = _resume_points(config, args, output_dir)
-    if config.disable_dropout:
-        disable_dropout(ensemble)
+        ensemble = RewardEnsemble.build(config.ensemble.kind, config.model, config.ensemble.members,
+                                        seeds=config.member_seeds, aggregation={"method": method, **agg_params},
+                                        lora=config.lora)
+        # Saved in the manifest: scoring cuts rows as training did (data.py keeps a long row's last tokens).
+        ensemble.set_tokenization(config.data.max_length, "left")
+        resumes = _resume_points(config, args, output_dir)
+        if config.disable_dropout:
+            disable_dropout(ensemble)
 
-    is_main = args.process_index == 0
-    if is_main:
-        atomic_write_text(output_dir / "rm_config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        # --- training ----------------------------------------------------------------------------------------------
+        def trainer_for(model, run_args, **kwargs) -> RewardTrainer:
+            return RewardTrainer(model=model, args=run_args, train_dataset=train_data, eval_dataset=eval_data,
+                                 processing_class=ensemble.tokenizer, margin=config.loss.margin,
+                                 label_smoothing=config.loss.label_smoothing, **kwargs)
 
-    # --- training ----------------------------------------------------------------------------------------------
-    def trainer_for(model, run_args, **kwargs) -> RewardTrainer:
-        return RewardTrainer(model=model, args=run_args, train_dataset=train_data, eval_dataset=eval_data,
-                             processing_class=ensemble.tokenizer, margin=config.loss.margin,
-                             label_smoothing=config.loss.label_smoothing, **kwargs)
-
-    runs = []
-    if config.ensemble.kind == "seeds":
-        for k, seed in enumerate(config.member_seeds):
-            # Member k alone: a one-member view sharing member k's module, so the loss, the reward read-out and the
-            # saved weights are the ensemble's own.
-            view = SeedsEnsemble([ensemble.members[k]], ensemble.tokenizer, seeds=[seed], aggregation=None,
-                                 normalization=None, base_model=ensemble.base_model,
-                                 attn_implementation=ensemble.attn_implementation)
-            data_seed = seed if config.ensemble.data_order == "per_member" else config.seed
-            member_args = rm_training_arguments(
-                {**config.training, "output_dir": str(output_dir / member_name(k)), "data_seed": data_seed,
-                 "run_name": f"{config.training.get('run_name') or output_dir.name}-{member_name(k)}"}, seed=seed)
-            logger.info("training %s of %d (seed %d, data seed %d)", member_name(k), config.ensemble.members, seed,
-                        data_seed)
-            trainer = trainer_for(view, member_args, member_names=[f"member_{k}"],
-                                  callbacks=[OneTrackerRunPerMember()])
-            runs.append(_run(trainer, [k], resumes[k]))
-            ensemble.members[k].to("cpu")  # memory-light: only the member in training sits on the accelerator
+        runs = []
+        if config.ensemble.kind == "seeds":
+            for k, seed in enumerate(config.member_seeds):
+                # Member k alone: a one-member view sharing member k's module, so the loss, the reward read-out and the
+                # saved weights are the ensemble's own.
+                view = SeedsEnsemble([ensemble.members[k]], ensemble.tokenizer, seeds=[seed], aggregation=None,
+                                     normalization=None, base_model=ensemble.base_model,
+                                     attn_implementation=ensemble.attn_implementation)
+                data_seed = seed if config.ensemble.data_order == "per_member" else config.seed
+                member_args = rm_training_arguments(
+                    {**config.training, "output_dir": str(output_dir / member_name(k)), "data_seed": data_seed,
+                     "run_name": f"{config.training.get('run_name') or output_dir.name}-{member_name(k)}"}, seed=seed)
+                logger.info("training %s of %d (seed %d, data seed %d)", member_name(k), config.ensemble.members, seed,
+                            data_seed)
+                trainer = trainer_for(view, member_args, member_names=[f"member_{k}"],
+                                      callbacks=[OneTrackerRunPerMember(), started])
+                runs.append(_run(trainer, [k], resumes[k]))
+                ensemble.members[k].to("cpu")  # memory-light: only the member in training sits on the accelerator
+                _release(trainer)
+        else:
+            trainer = trainer_for(ensemble, args, callbacks=[started])
+            runs.append(_run(trainer, list(range(config.ensemble.members)), resumes[0]))
             _release(trainer)
-    else:
-        trainer = trainer_for(ensemble, args)
-        runs.append(_run(trainer, list(range(config.ensemble.members)), resumes[0]))
-        _release(trainer)
 
     summary = {
         "kind": config.ensemble.kind,
@@ -152,7 +153,7 @@ def train_reward_model(config: RMConfig) -> dict:
         "resumed_from": resumes,
         "runs": runs,
     }
-    if not is_main:  # every rank trained; the main one evaluates, saves and reports
+    if args.process_index != 0:  # every rank trained; the main one evaluates, saves and reports
         return summary
 
     # --- evaluation, normalisation, saving ---------------------------------------------------------------------
@@ -179,6 +180,25 @@ def train_reward_model(config: RMConfig) -> dict:
     summary["wall_time_s"] = round(time.time() - start, 1)
     atomic_write_json(output_dir / "rm_summary.json", summary)
     return summary
+
+
+class RecipeAtStart(TrainerCallback):
+    """At the first `on_train_begin` (member 0's for kind seeds), once a resumed checkpoint has loaded and been
+    checked: the set-up is over, so the output folder's `SetupGuard` stands down and the resolved recipe is written
+    as `rm_config.yaml`. Written earlier, a run that fails in set-up (or refuses to resume) would rewrite the recipe
+    beside checkpoints it did not write."""
+
+    def __init__(self, output_dir: Path, config: RMConfig, guard: SetupGuard):
+        self.output_dir, self.config, self.guard, self.done = output_dir, config, guard, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.done:
+            return
+        if state.is_world_process_zero:
+            atomic_write_text(self.output_dir / "rm_config.yaml",
+                              yaml.safe_dump(config_to_dict(self.config), sort_keys=False))
+        self.guard.started()
+        self.done = True
 
 
 class OneTrackerRunPerMember(TrainerCallback):

@@ -327,6 +327,15 @@ def test_train_missing_model_is_refused_before_writing(world, capsys, tmp_path):
     assert "model.name_or_path" in line
 
 
+def test_train_failing_once_the_trainer_exists_leaves_no_folder(world, capsys, tmp_path):
+    # Refused in RewardTrainer's constructor, after transformers.Trainer has set up its output folder: the set-up
+    # guard removes what the run created, so the same command, corrected, is not refused for a non-empty folder.
+    raw = recipe(world["toy"], str(tmp_path / "out"))
+    line, _ = _train_bad(capsys, tmp_path, raw, "training.activation_checkpointing=true",
+                         "training.activation_checkpointing_kwargs={every_n_layers: 2}")
+    assert "training.activation_checkpointing_kwargs" in line
+
+
 # --- the console script, as a user runs it --------------------------------------------------------------------------
 
 

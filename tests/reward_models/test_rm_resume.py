@@ -194,12 +194,15 @@ def test_a_checkpoint_written_by_another_recipe_is_refused(recipe, tmp_path, cap
               "training.max_steps=2", "training.save_steps=2"]
     assert main(common) == 0
     shutil.rmtree(out / "ensemble")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     code = main([*common, "ensemble.seeds=[5, 6]", "training.resume_from_checkpoint=latest"])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("align: error:")]
     assert code == 2 and len(lines) == 1, err
     assert f"{out / 'checkpoint-2'}: written with seeds [0, 1] (this run: [5, 6])" in lines[0]
+    # the refused resume left the folder as it was: rm_config.yaml still holds the recipe that wrote the checkpoint
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # the same recipe resumes it (its last step: nothing more to train) and saves the ensemble
     assert main([*common, f"training.resume_from_checkpoint={out / 'checkpoint-2'}"]) == 0
     assert json.loads((out / "rm_summary.json").read_text())["resumed_from"] == [str(out / "checkpoint-2")]
