@@ -30,7 +30,6 @@ p_i = σ(A(r_w) − A(r_l)). Pairwise accuracy counts r_w > r_l as 1, a tie as �
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -42,7 +41,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from align.config import installed_training_key
 from align.errors import AlignError
 from align.metric_window import MetricWindow
-from align.trainer import CHECKPOINT_MARKER, activation_checkpointing, latest_checkpoint
+from align.trainer import (
+    CHECKPOINT_MARKER,
+    activation_checkpointing,
+    latest_checkpoint,
+    read_marker,
+)
 from reward_models.aggregate import aggregate, normalize
 from reward_models.data import RewardCollator
 from reward_models.loss import bradley_terry_loss, pairwise_accuracy
@@ -250,7 +254,10 @@ class RewardTrainer(Trainer):
         if self.args.should_save:
             from align.io import atomic_write_json
 
-            atomic_write_json(marker, {"global_step": self.state.global_step, **self._checkpoint_identity()})
+            # model_only: with save_only_model transformers writes no optimizer, scheduler or RNG state; the checkpoint
+            # is a complete model but cannot be resumed (`latest_checkpoint` skips it).
+            atomic_write_json(marker, {"global_step": self.state.global_step, **self._checkpoint_identity(),
+                                       "model_only": bool(self.args.save_only_model)})
             rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
@@ -270,18 +277,15 @@ class RewardTrainer(Trainer):
     def _check_checkpoint(self, checkpoint: str) -> None:
         if not os.path.isdir(checkpoint):
             raise AlignError(f"training.resume_from_checkpoint: {checkpoint} is not a directory")
-        marker = os.path.join(checkpoint, CHECKPOINT_MARKER)
-        if not os.path.isfile(marker):
+        saved = read_marker(checkpoint)
+        if saved is None:
             logger.warning("%s has no %s: it may be incomplete (cut short while saving); resuming it because it was "
                            "named explicitly", checkpoint, CHECKPOINT_MARKER)
             return
-        try:
-            with open(marker) as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise AlignError(f"{marker}: not a readable checkpoint marker ({e})") from None
-        if not isinstance(saved, dict):
-            raise AlignError(f"{marker}: not a checkpoint marker (a JSON object)")
+        if saved.get("model_only"):
+            raise AlignError(f"{checkpoint}: written with training.save_only_model=true, it holds the model but no "
+                             "optimizer, scheduler or RNG state, so training cannot continue from it exactly; train "
+                             "into a new training.output_dir")
         changed = [f"{key} {saved[key]!r} (this run: {value!r})"
                    for key, value in self._checkpoint_identity().items() if saved.get(key, value) != value]
         if changed:

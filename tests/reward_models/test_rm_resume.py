@@ -161,7 +161,8 @@ def test_latest_without_a_checkpoint_starts_from_scratch_with_a_warning(recipe, 
     for k in range(2):  # rotation (save_total_limit 1) ran after each new checkpoint was marked complete
         assert [p.name for p in (out / f"member-{k}").glob("checkpoint-*")] == ["checkpoint-2"]
         marker = json.loads((out / f"member-{k}" / "checkpoint-2" / CHECKPOINT_MARKER).read_text())
-        assert marker == {"global_step": 2, "ensemble_kind": "seeds", "members": [f"member_{k}"], "seeds": [k]}
+        assert marker == {"global_step": 2, "ensemble_kind": "seeds", "members": [f"member_{k}"], "seeds": [k],
+                          "model_only": False}
     manifest = json.loads((out / "ensemble" / "manifest.json").read_text())
     assert manifest["max_length"] == 64 and manifest["truncation_side"] == "left"
 
@@ -203,6 +204,14 @@ def test_a_checkpoint_written_by_another_recipe_is_refused(recipe, tmp_path, cap
     assert f"{out / 'checkpoint-2'}: written with seeds [0, 1] (this run: [5, 6])" in lines[0]
     # the refused resume left the folder as it was: rm_config.yaml still holds the recipe that wrote the checkpoint
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # a model-only checkpoint (training.save_only_model) holds no optimizer or RNG state: refused when named
+    marker_path = out / "checkpoint-2" / CHECKPOINT_MARKER
+    marker = json.loads(marker_path.read_text())
+    marker_path.write_text(json.dumps({**marker, "model_only": True}))
+    code = main([*common, f"training.resume_from_checkpoint={out / 'checkpoint-2'}"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("align: error:")]
+    assert code == 2 and len(lines) == 1 and "training.save_only_model=true" in lines[0], lines
+    marker_path.write_text(json.dumps(marker))
     # the same recipe resumes it (its last step: nothing more to train) and saves the ensemble
     assert main([*common, f"training.resume_from_checkpoint={out / 'checkpoint-2'}"]) == 0
     assert json.loads((out / "rm_summary.json").read_text())["resumed_from"] == [str(out / "checkpoint-2")]
