@@ -34,6 +34,13 @@ def atomic_write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def held_entries(directory: str | Path) -> str | None:
+    """The entries of an existing, non-empty `directory` for an error message ("a, b, c, d, ..."), else None."""
+    directory = Path(directory)
+    held = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    return ", ".join(held[:4]) + (", ..." if len(held) > 4 else "") if held else None
+
+
 class SetupGuard:
     """Leaves `directory` as it was if a run fails before `started()`: a folder the set-up created is removed, and
     entries it added to an existing folder are removed (files that were there are never rewritten during set-up).
@@ -92,19 +99,18 @@ def scratch_directory(path: str | Path):
 def atomic_directory(path: str | Path):
     """Yields a temporary sibling of `path`; on success it replaces `path`, on error it is removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with scratch_directory(path) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
+        replace_entry(tmp, path)
+
+
+def replace_entry(new: Path, path: Path) -> None:
+    """Puts the file or folder `new` at `path` (same file system) by renaming, replacing what is there. A folder
+    cannot be replaced by one rename: the old one is moved aside first and removed after."""
+    if path.is_dir() and not path.is_symlink():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
-        os.replace(tmp, path)
+        os.replace(new, path)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, path)
+        os.replace(new, path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from align import toy_world
-from align.io import atomic_write_json, scratch_directory
+from align.io import atomic_write_json, held_entries, replace_entry, scratch_directory
 
 #: The f-DPO stage, identical to `configs/quickstart.yaml` (a test keeps them equal). Paths are relative to the
 #: quickstart's output directory.
@@ -107,9 +106,8 @@ def check_output_folder(output_dir: Path, overwrite: bool) -> None:
 
     if overwrite or not output_dir.is_dir() or (output_dir / MARKER).is_file():
         return
-    held = sorted(p.name for p in output_dir.iterdir())
-    if held:
-        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    shown = held_entries(output_dir)
+    if shown:
         raise AlignError(f"--output-dir: '{output_dir}' already holds files that no quickstart wrote ({shown}); "
                          "choose another folder, or pass --overwrite to write the quickstart's files into it (the "
                          "other files are kept)")
@@ -118,22 +116,10 @@ def check_output_folder(output_dir: Path, overwrite: bool) -> None:
 def install_outputs(work: Path, output_dir: Path) -> list[str]:
     """Moves the quickstart's own entries from the finished `work` folder into `output_dir`, each replacing the entry
     of the same name by a rename; returns the names that replaced existing ones. Other entries are left alone."""
-    import shutil
-
     output_dir.mkdir(parents=True, exist_ok=True)
-    replaced = []
+    replaced = [name for name in QUICKSTART_OUTPUTS if (output_dir / name).exists()]
     for name in QUICKSTART_OUTPUTS:
-        new, old = work / name, output_dir / name
-        if old.is_dir() and not old.is_symlink():
-            # A directory cannot be replaced by rename in one step: move the old one aside first.
-            trash = output_dir / f".{name}.old-{os.getpid()}"
-            os.replace(old, trash)
-            os.replace(new, old)
-            shutil.rmtree(trash)
-            replaced.append(name)
-        else:
-            replaced += [name] if old.exists() else []
-            os.replace(new, old)
+        replace_entry(work / name, output_dir / name)
     (output_dir / MARKER).write_text(json.dumps({"outputs": list(QUICKSTART_OUTPUTS)}) + "\n")
     return replaced
 

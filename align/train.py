@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from align.config import (TrainConfig, config_to_dict, objective_params, reference_section,
                           training_arguments_kwargs)
 from align.data import build_preference_dataset, check_preference_data
-from align.io import SetupGuard, atomic_directory, atomic_write_json, atomic_write_text
+from align.io import SetupGuard, atomic_directory, atomic_write_json, atomic_write_text, held_entries
 from align.modeling import load_policy, load_tokenizer
 from align.references import build_reference
 from align.trainer import PreferenceTrainer, disable_dropout, latest_checkpoint, training_arguments
@@ -58,9 +58,8 @@ def check_output_dir(args, overwrite: bool) -> None:
     output_dir = Path(args.output_dir)
     if overwrite or args.resume_from_checkpoint or not output_dir.is_dir():
         return
-    held = sorted(p.name for p in output_dir.iterdir())
-    if held:
-        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    shown = held_entries(output_dir)
+    if shown:
         raise ConfigError(f"training.output_dir: '{output_dir}' already holds files ({shown}); resume it with "
                           "training.resume_from_checkpoint=latest, write into it anyway with overwrite=true, or "
                           "choose another output_dir")

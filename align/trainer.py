@@ -63,7 +63,117 @@ class _ReferenceStepHook(TrainerCallback):
         self.trainer.reference.on_step_end(self.trainer.model, state.global_step)
 
 
-class AlignTrainer(Trainer):
+class MarkedCheckpointTrainer(Trainer):
+    """`transformers.Trainer` with checkpoints a resumed run can trust, shared by every align trainer
+    (`AlignTrainer` and `reward_models.trainer.RewardTrainer`):
+
+    - every checkpoint is marked complete last (`CHECKPOINT_MARKER`, after every rank has written its files), with
+      what it belongs to (`_checkpoint_identity`) and whether it is model-only (`save_only_model`);
+    - `save_total_limit` rotation runs after the marker;
+    - `train(resume_from_checkpoint=True)` takes the newest complete, resumable checkpoint (`latest_checkpoint`), and
+      a named one is checked against this run before anything loads (`_check_checkpoint`);
+    - a run resumed from the checkpoint of its last step trains no further step.
+
+    Subclasses say what a checkpoint belongs to (`_checkpoint_identity`), may record more in the marker
+    (`_marker_extra`) and check it (`_check_marker`), and load their own state (`_load_checkpoint_state`).
+    """
+
+    def _checkpoint_identity(self) -> dict:
+        """What a checkpoint belongs to; resuming it into a run with other values is refused."""
+        return {}
+
+    def _marker_extra(self) -> dict:
+        return {}
+
+    def _check_marker(self, checkpoint: str, saved: dict) -> None:
+        """Further checks of a resumed checkpoint's marker (after identity and model-only)."""
+
+    def _load_checkpoint_state(self, checkpoint: str) -> None:
+        """Loads state of the subclass's own from a checked checkpoint, before training starts."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # transformers writes straight into `checkpoint-N` (no temporary directory; under DeepSpeed every rank adds its
+        # own files) and `get_last_checkpoint` takes the highest N whatever it holds, so a process killed while saving
+        # leaves a newest checkpoint that cannot be resumed. A marker written by the main process after every rank has
+        # finished tells complete checkpoints apart (`latest_checkpoint`). The rotation that `save_total_limit` asks for
+        # runs after the marker: run before it, it could delete the last complete checkpoint while the new one is
+        # still unmarked.
+        run_dir = self._get_output_dir(trial=trial)
+        marker = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}", CHECKPOINT_MARKER)
+        if self.args.should_save and os.path.exists(marker):
+            os.remove(marker)  # a resumed run rewriting this step's checkpoint: incomplete until rewritten
+        self.accelerator.wait_for_everyone()  # no rank writes into a directory that still carries the old marker
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files are written
+        if self.args.should_save:
+            from align.io import atomic_write_json
+
+            # model_only: with save_only_model transformers writes no optimizer, scheduler or RNG state (nor does
+            # align write its own), so the checkpoint is complete as a model but cannot be resumed.
+            atomic_write_json(marker, {"global_step": self.state.global_step, **self._checkpoint_identity(),
+                                       **self._marker_extra(), "model_only": bool(self.args.save_only_model)})
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` takes the newest *complete* checkpoint in `output_dir`.
+
+        A resumed checkpoint is checked and the subclass's state loaded here, before training starts, and not with
+        the RNG states: transformers restores those only when it runs an epoch, and a run resumed from the checkpoint
+        of its last step (killed before `final/` was written) runs none, so its final evaluation would miss that state
+        (e.g. TR-DPO's moved reference).
+        """
+        from align.errors import AlignError
+
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise AlignError(f"resume_from_checkpoint: no complete, resumable checkpoint in {self.args.output_dir}")
+        if resume_from_checkpoint is False:
+            resume_from_checkpoint = None
+        if resume_from_checkpoint is not None:
+            self._check_checkpoint(str(resume_from_checkpoint))
+            self._load_checkpoint_state(str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _check_checkpoint(self, checkpoint: str) -> None:
+        from align.errors import AlignError
+
+        if not os.path.isdir(checkpoint):
+            raise AlignError(f"training.resume_from_checkpoint: {checkpoint} is not a directory")
+        saved = read_marker(checkpoint)
+        if saved is None:
+            logger.warning("%s has no %s: it may be incomplete (cut short while saving); resuming it because it was "
+                           "named explicitly", checkpoint, CHECKPOINT_MARKER)
+            return
+        if saved.get("model_only"):
+            raise AlignError(f"{checkpoint}: written with training.save_only_model=true, it holds the model but no "
+                             "optimizer, scheduler or RNG state, so training cannot continue from it; start a new "
+                             f"run from its weights (model.name_or_path={checkpoint}) in a new output_dir")
+        def quoted(value) -> str:
+            return f"'{value}'" if isinstance(value, str) else json.dumps(value)
+
+        changed = [f"{key} {quoted(saved[key])} (this run: {quoted(value)})"
+                   for key, value in self._checkpoint_identity().items() if saved.get(key, value) != value]
+        if changed:
+            raise AlignError(f"{checkpoint}: written with {' and '.join(changed)}; resume it with the recipe that "
+                             "wrote it, or train into a new output_dir")
+        self._check_marker(checkpoint, saved)
+
+    def _run_epoch(self, *args, **kwargs):
+        # transformers checks `max_steps` only after a step: resumed from the checkpoint of its last step, a run whose
+        # last step is not at an epoch end would train one step more than the uninterrupted run.
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+
+class AlignTrainer(MarkedCheckpointTrainer):
     """What every align trainer adds to `transformers.Trainer`: an objective and a reference manager whose state is
     in every checkpoint (written atomically, marked complete last, checked against the resuming recipe), the
     reference's per-step hook, and exact resume. `PreferenceTrainer` (pairs) and `OnPolicyTrainer` (f-DPG) build on it.
@@ -152,34 +262,8 @@ class AlignTrainer(Trainer):
         logger.warning("%s: resuming with changed parameters (resume_with_changed_parameters=true): %s", checkpoint,
                        "; ".join(changes))
 
-    def _save_checkpoint(self, model, trial) -> None:
-        # transformers writes straight into `checkpoint-N` (no temporary directory; under DeepSpeed every rank adds its
-        # own files) and `get_last_checkpoint` takes the highest N whatever it holds, so a process killed while saving
-        # leaves a newest checkpoint that cannot be resumed. A marker written by the main process after every rank has
-        # finished tells complete checkpoints apart (`latest_checkpoint`). The rotation that `save_total_limit` asks for
-        # runs after the marker: run before it, it could delete the last complete checkpoint while the new one is
-        # still unmarked.
-        run_dir = self._get_output_dir(trial=trial)
-        marker = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}", CHECKPOINT_MARKER)
-        if self.args.should_save and os.path.exists(marker):
-            os.remove(marker)  # a resumed run rewriting this step's checkpoint: incomplete until rewritten
-        self.accelerator.wait_for_everyone()  # no rank writes into a directory that still carries the old marker
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()  # every rank's files are written
-        if self.args.should_save:
-            from align.io import atomic_write_json
-
-            # model_only: with save_only_model transformers writes no optimizer, scheduler or RNG state (nor does
-            # align write its own), so the checkpoint is complete as a model but cannot be resumed.
-            atomic_write_json(marker, {"global_step": self.state.global_step, **self._checkpoint_identity(),
-                                       "parameters": self._checkpoint_parameters(),
-                                       "model_only": bool(self.args.save_only_model)})
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+    def _marker_extra(self) -> dict:
+        return {"parameters": self._checkpoint_parameters()}
 
     def _save_rng_state(self, output_dir: str) -> None:
         # Called by every process for every checkpoint, next to the RNG states, which is where the objective's sampler
@@ -189,45 +273,13 @@ class AlignTrainer(Trainer):
         if self.reference.state_is_sharded() or self.args.should_save:
             _atomic_torch_save(self.reference.state_dict(), self._reference_state_file(output_dir))
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """`Trainer.train`; `resume_from_checkpoint=True` takes the newest *complete* checkpoint in `output_dir`.
+    def _check_marker(self, checkpoint: str, saved: dict) -> None:
+        self._check_parameters(checkpoint, saved)
 
-        The objective's and reference's state is loaded here, before training starts, and not with the RNG states:
-        transformers restores those only when it runs an epoch, and a run resumed from the checkpoint of its last
-        step (killed before `final/` was written) runs none, so its final evaluation would use the SFT reference.
-        """
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                from align.errors import AlignError
-
-                raise AlignError(f"resume_from_checkpoint: no complete, resumable checkpoint in {self.args.output_dir}")
-        if resume_from_checkpoint is False:
-            resume_from_checkpoint = None
-        if resume_from_checkpoint is not None:
-            self._load_align_state(str(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _load_align_state(self, checkpoint: str) -> None:
+    def _load_checkpoint_state(self, checkpoint: str) -> None:
+        """The objective's and reference's state (`align_state_{rank}.pt`, `align_reference*.pt`)."""
         from align.errors import AlignError
 
-        if not os.path.isdir(checkpoint):
-            raise AlignError(f"resume_from_checkpoint: {checkpoint} is not a directory")
-        saved = read_marker(checkpoint)
-        if saved is not None:
-            if saved.get("model_only"):
-                raise AlignError(f"{checkpoint}: written with training.save_only_model=true, it holds the model but no "
-                                 "optimizer, scheduler or RNG state, so training cannot continue from it; start a new "
-                                 f"run from its weights (model.name_or_path={checkpoint}) in a new output_dir")
-            changed = [f"{key} '{saved[key]}' (this run: '{value}')"
-                       for key, value in self._checkpoint_identity().items() if saved.get(key, value) != value]
-            if changed:
-                raise AlignError(f"{checkpoint}: written with {' and '.join(changed)}; resume it with the recipe that "
-                                 "wrote it, or train into a new output_dir")
-            self._check_parameters(checkpoint, saved)
-        else:
-            logger.warning("%s has no %s: it may be incomplete (cut short while saving); resuming it because it was "
-                           "named explicitly", checkpoint, CHECKPOINT_MARKER)
         states = []
         for path in (self._objective_state_file(checkpoint), self._reference_state_file(checkpoint)):
             if not os.path.isfile(path):
@@ -251,15 +303,6 @@ class AlignTrainer(Trainer):
             from safetensors.torch import load_file
 
             set_peft_model_state_dict(model, load_file(root), adapter_name=model.active_adapters[0])
-
-    def _run_epoch(self, *args, **kwargs):
-        # transformers checks `max_steps` only after a step: resumed from the checkpoint of its last step, a run whose
-        # last step is not at an epoch end would train one step more than the uninterrupted run.
-        if self.state.global_step >= self.state.max_steps:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
-
 
 
 class PreferenceTrainer(AlignTrainer):

@@ -31,22 +31,14 @@ p_i = σ(A(r_w) − A(r_l)). Pairwise accuracy counts r_w > r_l as 1, a tie as �
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import TrainingArguments
 
 from align.config import installed_training_key
-from align.errors import AlignError
 from align.metric_window import MetricWindow
-from align.trainer import (
-    CHECKPOINT_MARKER,
-    activation_checkpointing,
-    latest_checkpoint,
-    read_marker,
-)
+from align.trainer import MarkedCheckpointTrainer, activation_checkpointing
 from reward_models.aggregate import aggregate, normalize
 from reward_models.data import RewardCollator
 from reward_models.loss import bradley_terry_loss, pairwise_accuracy
@@ -186,7 +178,7 @@ def pair_rewards(model: torch.nn.Module, dataset, *, pad_token_id: int, batch_si
 # The trainer
 
 
-class RewardTrainer(Trainer):
+class RewardTrainer(MarkedCheckpointTrainer):
     """Trains a reward model or ensemble on preference pairs with the Bradley–Terry loss.
 
     Args:
@@ -227,79 +219,14 @@ class RewardTrainer(Trainer):
         self._train_metrics = MetricWindow()
 
     # --- checkpoints: complete-marked, checked against the resuming recipe, exact resume --------------------------
-    # The same protocol as align's trainers (`align.trainer.AlignTrainer`): `CHECKPOINT_MARKER` is written by the main
-    # process after every rank has written its files, rotation (`save_total_limit`) runs after it, and
-    # `align.trainer.latest_checkpoint` takes the newest marked checkpoint. A reward model has no objective or
-    # reference state; the Trainer's own files (weights, optimizer, scheduler, RNG states, data position) are all
-    # of it.
+    # `MarkedCheckpointTrainer` (align/trainer.py) is the protocol; a reward model has no objective or reference state,
+    # so the Trainer's own files (weights, optimizer, scheduler, RNG states, data position) are all of it.
 
     def _checkpoint_identity(self) -> dict:
         """What a checkpoint belongs to: resumed into another ensemble kind, member or seed, its weights would load
         into the wrong model (or, loaded non-strictly, not at all)."""
         return {"ensemble_kind": getattr(self.model, "kind", type(self.model).__name__),
                 "members": list(self.member_names), "seeds": list(getattr(self.model, "seeds", []))}
-
-    def _save_checkpoint(self, model, trial) -> None:
-        run_dir = self._get_output_dir(trial=trial)
-        marker = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}", CHECKPOINT_MARKER)
-        if self.args.should_save and os.path.exists(marker):
-            os.remove(marker)  # a resumed run rewriting this step's checkpoint: incomplete until rewritten
-        self.accelerator.wait_for_everyone()
-        limit, self.args.save_total_limit = self.args.save_total_limit, None
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()  # every rank's files are written
-        if self.args.should_save:
-            from align.io import atomic_write_json
-
-            # model_only: with save_only_model transformers writes no optimizer, scheduler or RNG state; the checkpoint
-            # is a complete model but cannot be resumed (`latest_checkpoint` skips it).
-            atomic_write_json(marker, {"global_step": self.state.global_step, **self._checkpoint_identity(),
-                                       "model_only": bool(self.args.save_only_model)})
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """`Trainer.train`; `True` takes the newest complete checkpoint in `output_dir`, a path is checked against
-        this run (its marker's ensemble kind, members and seeds) before anything loads."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = latest_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise AlignError(f"resume_from_checkpoint: no complete checkpoint in {self.args.output_dir}")
-        if resume_from_checkpoint is False:
-            resume_from_checkpoint = None
-        if resume_from_checkpoint is not None:
-            self._check_checkpoint(str(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _check_checkpoint(self, checkpoint: str) -> None:
-        if not os.path.isdir(checkpoint):
-            raise AlignError(f"training.resume_from_checkpoint: {checkpoint} is not a directory")
-        saved = read_marker(checkpoint)
-        if saved is None:
-            logger.warning("%s has no %s: it may be incomplete (cut short while saving); resuming it because it was "
-                           "named explicitly", checkpoint, CHECKPOINT_MARKER)
-            return
-        if saved.get("model_only"):
-            raise AlignError(f"{checkpoint}: written with training.save_only_model=true, it holds the model but no "
-                             "optimizer, scheduler or RNG state, so training cannot continue from it exactly; train "
-                             "into a new training.output_dir")
-        changed = [f"{key} {saved[key]!r} (this run: {value!r})"
-                   for key, value in self._checkpoint_identity().items() if saved.get(key, value) != value]
-        if changed:
-            raise AlignError(f"{checkpoint}: written with {' and '.join(changed)}; resume it with the recipe that "
-                             "wrote it, or train into a new training.output_dir")
-
-    def _run_epoch(self, *args, **kwargs):
-        # transformers checks `max_steps` only after a step: resumed from the checkpoint of its last step (a member
-        # of kind seeds that had finished before the run was killed), a run would train one step more than the
-        # uninterrupted one.
-        if self.state.global_step >= self.state.max_steps:
-            self.control.should_training_stop = True
-            return None
-        return super()._run_epoch(*args, **kwargs)
 
     def _enable_activation_checkpointing(self, model) -> None:
         """transformers >= 5 enables checkpointing through `activation_checkpointing_enable(kwargs, every_n_layers,
