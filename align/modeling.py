@@ -142,7 +142,7 @@ def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, *, key:
             revision=config.revision, trust_remote_code=config.trust_remote_code,
         )
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load model '{path}' ({str(e).splitlines()[0]})") from e
+        raise ConfigError(f"{key}: cannot load model '{path}' ({str(e).splitlines()[0]})") from e
     # The KV cache is useless in training and the packed forward never asks for it.
     model.config.use_cache = False
     return model

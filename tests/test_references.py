@@ -123,8 +123,11 @@ def test_frozen_reference_from_another_model(tiny_model_dir, tmp_path, batch, ac
 
 def test_frozen_reference_bad_path_is_a_config_error(tiny_model_dir, tmp_path):
     config = model_config(tiny_model_dir)
-    with pytest.raises(ConfigError, match="cannot load model"):
+    with pytest.raises(ConfigError, match=r"^reference\.name_or_path: '.*missing' does not exist"):
         build_reference("frozen", {"name_or_path": str(tmp_path / "missing")}, policy=None, model_config=config)
+    (tmp_path / "empty").mkdir()  # exists but holds no model: transformers' own reason, in one line
+    with pytest.raises(ConfigError, match=r"^reference\.name_or_path: cannot load model '.*empty'"):
+        build_reference("frozen", {"name_or_path": str(tmp_path / "empty")}, policy=None, model_config=config)
 
 
 # --------------------------------------------------------------------------------------------- peft_disabled
