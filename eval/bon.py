@@ -28,7 +28,8 @@ What `run_bon` does:
      K member scores, gold) — enough to redo the scoring or the study without sampling again;
    - `per_prompt.csv`: aggregation, n, prompt_index, proxy_reward, gold_reward, kl_estimate;
    - `gold_vs_kl.png`, `proxy_vs_kl.png`: reward against KL per aggregation (the shape of Gao et al.'s and Coste et
-     al.'s best-of-n figures); solid = against the KL estimate, dashed = against the bound;
+     al.'s best-of-n figures); solid = against the KL estimate, dashed = against the bound (one curve where the two
+     agree within 0.01 nats at every n, as they do when no sample is likely: the legend says so);
    - `results.json`: `rows` (aggregation, method, params, n, proxy_reward, gold_reward, kl_bound, kl_estimate), the
      resolved config, N, P, the fraction of responses cut by max_new_tokens, and timings.
    An existing results.json is not overwritten unless `overwrite: true`.
@@ -178,7 +179,14 @@ def load_bon_config(path: str | Path | None, overrides: list[str] = (), base: di
     return load_recipe(path, overrides, base, validate)
 
 
-def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path) -> None:
+#: Below this gap (nats) between Beirami et al.'s KL estimate and the bound log n − (n−1)/n at every n, the two
+#: curves of an aggregation would be drawn on top of each other: it is drawn once and the legend says so.
+SAME_KL_NATS = 0.01
+
+
+def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path) -> list[str]:
+    """Draws `key` against the KL of best-of-n, one colour per aggregation: solid against the KL estimate, dashed
+    against the bound, or one curve where they agree within SAME_KL_NATS at every n. Returns the legend labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,9 +199,12 @@ def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path) -> No
         mine = [r for r in rows if r["aggregation"] == label]
         color = colors[i % len(colors)]
         y = [r[key] for r in mine]
-        ax.plot([r["kl_estimate"] for r in mine], y, "o-", color=color, label=f"{label} (KL estimate)")
-        ax.plot([r["kl_bound"] for r in mine], y, "s--", color=color, alpha=0.6, markersize=3,
-                label=f"{label} (KL bound)")
+        same = max(abs(r["kl_estimate"] - r["kl_bound"]) for r in mine) < SAME_KL_NATS
+        ax.plot([r["kl_estimate"] for r in mine], y, "o-", color=color,
+                label=f"{label} (KL estimate = bound within {SAME_KL_NATS})" if same else f"{label} (KL estimate)")
+        if not same:
+            ax.plot([r["kl_bound"] for r in mine], y, "s--", color=color, alpha=0.6, markersize=3,
+                    label=f"{label} (KL bound)")
     for r in rows:   # n labels on the first aggregation's estimate curve
         if r["aggregation"] == labels[0]:
             ax.annotate(f"n={r['n']}", (r["kl_estimate"], r[key]), textcoords="offset points", xytext=(3, 4),
@@ -203,9 +214,11 @@ def _plot(rows: list[dict], key: str, ylabel: str, title: str, path: Path) -> No
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
     fig.tight_layout()
     atomic_save_figure(fig, path)
     plt.close(fig)
+    return legend
 
 
 def run_bon(config: BonConfig) -> dict[str, Any]:

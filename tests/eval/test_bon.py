@@ -252,3 +252,20 @@ def test_cli_with_the_vllm_backend_gives_the_hf_study(world, tmp_path, capsys):
     for a, b in [(gold_hf, gold_vllm), (log_eps_hf, log_eps_vllm)]:  # ... from the same distribution
         standard_error = math.sqrt(a.var() / len(a) + b.var() / len(b))
         assert abs(float(a.mean() - b.mean())) < 4 * standard_error, (float(a.mean()), float(b.mean()))
+
+
+def test_plot_draws_one_curve_where_the_kl_estimate_equals_the_bound(tmp_path):
+    """Issue 12, noise: on the toy world the estimate and the bound agree to 1e-6, so six legend entries showed
+    three curves. Where they agree, each aggregation is one curve and the legend says so; where not, both."""
+    from eval.bon import _plot
+    from eval.kl import bon_kl_bound
+
+    def rows(gap):
+        return [{"aggregation": a, "n": n, "proxy_reward": float(n), "kl_bound": bon_kl_bound(n),
+                 "kl_estimate": max(bon_kl_bound(n) - gap * (n > 1), 0.0)} for a in ("mean", "wco") for n in (1, 2, 4)]
+
+    legend = _plot(rows(1e-6), "proxy_reward", "proxy", "t", tmp_path / "same.png")
+    assert legend == ["mean (KL estimate = bound within 0.01)", "wco (KL estimate = bound within 0.01)"]
+    legend = _plot(rows(0.3), "proxy_reward", "proxy", "t", tmp_path / "apart.png")
+    assert legend == ["mean (KL estimate)", "mean (KL bound)", "wco (KL estimate)", "wco (KL bound)"]
+    assert (tmp_path / "same.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
