@@ -43,6 +43,8 @@ def _quiet_environment(verbose: bool) -> None:
         warnings.filterwarnings("ignore", category=category)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # worker processes
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported
+    # `datasets`' per-map bars (TRL's SFT prints five before its training bar); read when datasets is imported.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for noisy in ("httpx", "urllib3", "DeepSpeed", "torch.distributed", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
