@@ -376,3 +376,192 @@ def test_align_soup_cli_bad_lora_ingredient_is_one_line(bad_adapters, ingredient
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("align: error:") and message in lines[0], proc.stderr
     assert path in lines[0] and list(tmp_path.iterdir()) == []
+
+
+# --- the `soup` reference written once per node and loaded like `frozen` (issue 12: soup reference under DeepSpeed)
+
+def _old_soup_reference_model(checkpoints, weights, dtype):
+    """What `SoupReference` held before it streamed the soup to disk: `build_soup` in memory, then cast."""
+    model, _ = build_soup(checkpoints, weights)
+    return model.to(dtype).eval()
+
+
+def _toy_batch(toy_tokenizer):
+    dataset, _ = tokenize_preference_rows(toy_world.make_preference_rows(8, seed=0), toy_tokenizer)
+    return SharedPromptCollator(toy_tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
+
+
+@pytest.fixture
+def soup_tmpdir(tmp_path, monkeypatch):
+    """TMPDIR of the soup reference's build folder, checked empty by the tests (the folder is deleted)."""
+    import tempfile
+
+    folder = tmp_path / "tmpdir"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_soup_reference_is_the_weighted_average_and_the_old_in_memory_soup(ingredients, soup_tmpdir,
+                                                                          toy_tokenizer):
+    weights = [0.2, 0.3, 0.5]
+    config = ModelConfig(name_or_path=ingredients[0], dtype="float32")
+    reference = build_reference("soup", {"checkpoints": ingredients, "weights": weights}, policy=None,
+                                model_config=config)
+    parts = [params(path) for path in ingredients]
+    got = dict(reference.model.named_parameters())
+    assert got.keys() == parts[0].keys()
+    for name, value in got.items():  # Σ_k w_k θ_k, every tensor
+        expected = sum(w * part[name].double() for w, part in zip(weights, parts))
+        torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6, msg=name)
+    old = _old_soup_reference_model(ingredients, weights, torch.float32)
+    for name, value in old.named_parameters():
+        assert torch.equal(got[name], value), name  # streamed to disk and loaded = the in-memory soup, bit for bit
+    batch = _toy_batch(toy_tokenizer)
+    with torch.no_grad():
+        new_logps, old_logps = reference.logps(None, batch), pair_logps(old, batch)
+    torch.testing.assert_close(new_logps.chosen_sum(), old_logps.chosen_sum(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(new_logps.rejected_sum(), old_logps.rejected_sum(), rtol=0, atol=1e-6)
+    assert not any(p.requires_grad for p in reference.model.parameters()) and not reference.model.training
+    assert list(soup_tmpdir.iterdir()) == []  # the written soup is deleted once loaded
+
+
+def test_bf16_soup_reference_has_zero_kl_to_a_policy_started_from_align_soup(ingredients, tmp_path, soup_tmpdir,
+                                                                             toy_tokenizer):
+    """The soup is loaded as the policy is (`from_pretrained` in the policy dtype). The old in-memory soup was cast
+    with `.to(bf16)`, which also rounded the rotary `inv_freq` buffer to bf16, so its log-probs were off those of
+    a bf16 policy started from `align soup`'s output (the same weights) by ~1e-3: a KL that was not 0 at step 0."""
+    soup_dir = write_soup(tmp_path / "soup", ingredients[:2])
+    config = ModelConfig(name_or_path=str(soup_dir), dtype="bfloat16")
+    policy = load_causal_lm(config)
+    reference = build_reference("soup", {"checkpoints": ingredients[:2]}, policy=policy, model_config=config)
+    old = _old_soup_reference_model(ingredients[:2], None, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in reference.model.parameters())
+    for (name, new), value in zip(reference.model.named_parameters(), old.parameters()):
+        assert torch.equal(new, value), name  # the same bf16 weights as before
+    batch = _toy_batch(toy_tokenizer)
+    with torch.no_grad():
+        pol, ref, before = pair_logps(policy, batch), reference.logps(policy, batch), pair_logps(old, batch)
+    assert torch.equal(pol.chosen_sum(), ref.chosen_sum()) and torch.equal(pol.rejected_sum(), ref.rejected_sum())
+    assert (pol.chosen_sum() - before.chosen_sum()).abs().max() > 1e-4  # the old reference's inv_freq rounding
+    assert dict(reference.model.named_buffers())["model.rotary_emb.inv_freq"].dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def dora_adapter(tmp_path_factory, tiny_model_dir):
+    return save_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("dora") / "dora", 5, r=2, lora_alpha=4,
+                             use_dora=True, target_modules=["k_proj", "up_proj"])
+
+
+@pytest.mark.parametrize("case", ["full", "lora", "lora first", "dora", "zero weights"])
+def test_streamed_soup_equals_the_in_memory_soup(case, ingredients, lora_adapters, dora_adapter, tmp_path):
+    """`write_soup_weights` streams every mix tensor by tensor (peft merges one adapter layer at a time) and writes
+    exactly what `build_soup` computes with whole models."""
+    from align.soup import write_soup_weights
+
+    checkpoints, weights = {
+        "full": (ingredients, [0.2, 0.3, 0.5]),
+        "lora": ([lora_adapters["lora1"], lora_adapters["lora2"]], [0.3, 0.7]),
+        "lora first": ([lora_adapters["lora2"], ingredients[0], lora_adapters["lora1"]], [0.4, 0.35, 0.25]),
+        "dora": ([ingredients[1], dora_adapter], [0.5, 0.5]),
+        "zero weights": ([ingredients[0], lora_adapters["lora1"], ingredients[2]], [0.0, 0.6, 0.4]),
+    }[case]
+    assert write_soup_weights(tmp_path / "soup", checkpoints, weights) is True  # streamed, no fallback
+    assert sorted(p.name for p in (tmp_path / "soup").iterdir()) == ["config.json", "model.safetensors"]
+    written = params(tmp_path / "soup")
+    expected, _ = build_soup(checkpoints, weights)
+    for name, value in expected.named_parameters():
+        assert torch.equal(written[name], value), name
+
+
+def test_soup_of_bf16_checkpoints_is_written_in_bf16(ingredients, tmp_path):
+    from align.soup import write_soup_weights
+
+    bf16 = []
+    for i, path in enumerate(ingredients[:2]):
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).save_pretrained(tmp_path / f"bf{i}")
+        shutil.copy(Path(path) / "tokenizer.json", tmp_path / f"bf{i}")
+        shutil.copy(Path(path) / "tokenizer_config.json", tmp_path / f"bf{i}")
+        bf16.append(str(tmp_path / f"bf{i}"))
+    assert write_soup_weights(tmp_path / "soup", bf16, [0.3, 0.7])
+    with open(tmp_path / "soup" / "model.safetensors", "rb") as f:  # the format safetensors reads, in bf16
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    written = load_file(tmp_path / "soup" / "model.safetensors")
+    expected, _ = build_soup(bf16, [0.3, 0.7])
+    for name, value in expected.named_parameters():
+        assert written[name].dtype == torch.bfloat16 and torch.equal(written[name], value), name
+
+
+def test_soup_of_checkpoints_stored_under_other_names_falls_back_to_the_in_memory_build(ingredients, tmp_path):
+    """A checkpoint whose file names a tensor otherwise than the model does (here an old `gamma` that transformers
+    renames to `weight` while loading) cannot be averaged by name from the files: the soup is built in memory (two
+    models) by `build_soup`'s code, with the same result."""
+    from align.soup import write_soup_weights
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(ingredients[1], legacy)
+    tensors = load_file(legacy / "model.safetensors")
+    tensors["model.norm.gamma"] = tensors.pop("model.norm.weight")
+    save_file(tensors, legacy / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(params(legacy)["model.norm.weight"], params(ingredients[1])["model.norm.weight"])
+    assert write_soup_weights(tmp_path / "soup", [ingredients[0], str(legacy)]) is False
+    expected, _ = build_soup(ingredients[:2])
+    written = params(tmp_path / "soup")
+    for name, value in expected.named_parameters():
+        assert torch.equal(written[name], value), name
+
+
+def test_soup_reference_merge_failure_is_a_config_error_and_leaves_no_files(lora_adapters, ingredients,
+                                                                           soup_tmpdir, tmp_path):
+    broken = _edited_adapter(lora_adapters["lora1"], tmp_path / "nan_adapter")
+    tensors = load_file(Path(broken) / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))  # safe_merge refuses a merge with NaN
+    save_file(tensors, Path(broken) / "adapter_model.safetensors")
+    config = ModelConfig(name_or_path=ingredients[0], dtype="float32")
+    with pytest.raises(ConfigError, match=r"^reference\.checkpoints: soup ingredient '.*nan_adapter'.*cannot load "
+                                          r"or merge the adapter \(NaNs detected"):
+        build_reference("soup", {"checkpoints": [ingredients[0], broken]}, policy=None, model_config=config)
+    assert list(soup_tmpdir.iterdir()) == []
+
+
+def test_build_soup_loads_whole_models_under_a_live_zero3_config(ingredients, monkeypatch):
+    """With a ZeRO-3 `TrainingArguments` alive, transformers' `from_pretrained` partitions while loading; the soup's
+    loaders must not (an average of empty placeholders left the old ZeRO-3 soup reference equal to its first
+    ingredient, bench/soup_memory.py). `_whole_models` hides the config for the block and puts it back."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from align.soup import _whole_models
+
+    class Zero3:
+        def is_zero3(self):
+            return True
+
+    name = "model.embed_tokens.weight"
+    expected = 0.5 * (params(ingredients[0])[name].double() + params(ingredients[1])[name].double())
+    live = Zero3()
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", lambda: live)
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    with pytest.raises(AttributeError):  # an unguarded load would go through zero.Init (this stand-in has no config)
+        AutoModelForCausalLM.from_pretrained(ingredients[0])
+    with _whole_models():
+        assert not hf_deepspeed.is_deepspeed_zero3_enabled()
+    assert hf_deepspeed.is_deepspeed_zero3_enabled() and hf_deepspeed._hf_deepspeed_config_weak_ref() is live
+    soup, _ = build_soup(ingredients[:2])  # loads with the "ZeRO-3" config alive: whole tensors all the same
+    assert all(p.numel() > 0 for p in soup.parameters())
+    torch.testing.assert_close(dict(soup.named_parameters())[name].double(), expected, rtol=0, atol=1e-6)
+    assert hf_deepspeed._hf_deepspeed_config_weak_ref() is live  # put back after the build
+
+
+def test_soup_with_a_pytorch_model_bin_checkpoint_is_streamed_too(ingredients, tmp_path):
+    from align.soup import write_soup_weights
+
+    old_format = tmp_path / "bin"
+    shutil.copytree(ingredients[1], old_format, ignore=shutil.ignore_patterns("model.safetensors"))
+    torch.save(load_file(Path(ingredients[1]) / "model.safetensors"), old_format / "pytorch_model.bin")
+    assert write_soup_weights(tmp_path / "soup", [ingredients[0], str(old_format)], [0.3, 0.7]) is True
+    expected, _ = build_soup(ingredients[:2], [0.3, 0.7])
+    written = params(tmp_path / "soup")
+    for name, value in expected.named_parameters():
+        assert torch.equal(written[name], value), name
