@@ -1,10 +1,11 @@
 """Model soups (SALSA, Chegini et al. 2024): θ_soup = Σ_k w_k θ_k over checkpoints of one architecture.
 
 SALSA anchors alignment to the weight average of several SFT models (main setting: two seeds, w = (½, ½)) instead of
-one SFT model. `align soup --out DIR CKPT... [--weights ...]` writes a soup as a normal `save_pretrained` checkpoint
-(`build_soup`: in memory); the reference kind `soup` has one process per node write it tensor by tensor to a
-temporary folder (`write_soup_weights`: no model in memory) and every process load it like a `frozen` reference.
-Both give the same soup, bit for bit. Averaging is done in fp32 (METHODS §3) and cast once to the first
+one SFT model. `align soup --out DIR CKPT... [--weights ...]` writes a soup as a normal checkpoint folder; the
+reference kind `soup` has one process per node write it to a temporary folder and every process load it like a
+`frozen` reference. Both write it tensor by tensor (`write_soup_weights`: no model in memory); `build_soup` builds
+the same soup, bit for bit, as a model in memory (two fp32 models), and is what the writer falls back to for
+checkpoints it cannot read by tensor name. Averaging is done in fp32 (METHODS §3) and cast once to the first
 ingredient's dtype; buffers are taken from the first ingredient (they are not trained).
 
 An ingredient is either a full `save_pretrained` checkpoint or a PEFT LoRA adapter folder (`adapter_config.json`).
@@ -491,8 +492,10 @@ class _AdapterSource:
 def _meta_model(config, attn_implementation: str, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
+    # A copy: from_config writes `dtype` into the config it is given, and the caller's config names the soup's dtype.
     with _whole_models(), torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), dtype=dtype,
+                                                attn_implementation=attn_implementation)
 
 
 def _adapter_source(ingredient: Ingredient, files: _CheckpointFiles, attn_implementation: str):
@@ -602,9 +605,22 @@ def _streamed_tensors(sources, buffers: set[str], weights: list[float], out_dtyp
         yield name, value.to(out_dtype) if value.is_floating_point() else value
 
 
+def _generation_config(ingredient: Ingredient):
+    """The first ingredient's `generation_config.json` (for an adapter: its base's), which the in-memory soup
+    inherits from `from_pretrained`: sampling from the reference (`best_of_n`) must stop at the same end-of-turn
+    ids (a chat model's list often has more than config.json's `eos_token_id`). None when there is none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(ingredient.model_source, revision=ingredient.revision)
+    except (OSError, ValueError):
+        return None
+
+
 def write_soup_weights(out: str | Path, checkpoints: list[str], weights: list[float] | None = None, *,
                        attn_implementation: str = "sdpa", checked=None) -> bool:
-    """Writes the soup's config and weights (no tokenizer) atomically to `out`, a folder `from_pretrained` loads.
+    """Writes the soup's config, generation config and weights (no tokenizer) atomically to `out`, a folder
+    `from_pretrained` loads.
 
     The same soup as `build_soup`, bit for bit (same fp32 running mean, same cast to the first ingredient's dtype),
     but streamed: for each stored tensor name, each ingredient's tensor is read from its files, mixed into the
@@ -617,48 +633,58 @@ def write_soup_weights(out: str | Path, checkpoints: list[str], weights: list[fl
 
     `checked`: the result of `check_ingredients(checkpoints, weights)` when the caller has it already.
     """
-    out = Path(out)
     weights, ingredients, first_config = checked or check_ingredients(checkpoints, weights)
-    out_dtype = _soup_dtype(first_config)
     with torch.no_grad():
-        plan = _stream_sources(ingredients, first_config, attn_implementation)
+        plan = _stream_sources(ingredients, first_config, attn_implementation)  # errors before any file is written
         with atomic_directory(out) as tmp:
-            if plan is None:
-                _build_in_memory(ingredients, weights, first_config, attn_implementation).save_pretrained(tmp)
-                return False
-            sources, buffers = plan
-            layout = []
-            for name in sources[0].names():
-                stored = sources[0].dtype(name)
-                layout.append((name, out_dtype if stored.is_floating_point else stored, sources[0].shape(name)))
-            _write_safetensors(tmp / "model.safetensors", layout,
-                               _streamed_tensors(sources, buffers, weights, out_dtype))
-            config = copy.deepcopy(first_config)
-            config.dtype = out_dtype  # what `from_pretrained(dtype="auto")` reads
-            config.save_pretrained(tmp)
-    return True
+            _write_soup_into(tmp, plan, ingredients, weights, first_config, attn_implementation)
+    return plan is not None
 
+
+def _write_soup_into(folder: Path, plan, ingredients, weights, first_config, attn_implementation: str) -> None:
+    """`write_soup_weights` into an existing (temporary) folder: streamed when `plan` (`_stream_sources`) is one."""
+    if plan is None:
+        _build_in_memory(ingredients, weights, first_config, attn_implementation).save_pretrained(folder)
+        return
+    sources, buffers = plan
+    out_dtype = _soup_dtype(first_config)
+    layout = []
+    for name in sources[0].names():
+        stored = sources[0].dtype(name)
+        layout.append((name, out_dtype if stored.is_floating_point else stored, sources[0].shape(name)))
+    _write_safetensors(folder / "model.safetensors", layout, _streamed_tensors(sources, buffers, weights, out_dtype))
+    config = copy.deepcopy(first_config)
+    config.dtype = out_dtype  # what `from_pretrained(dtype="auto")` reads
+    config.save_pretrained(folder)
+    generation_config = _generation_config(ingredients[0])
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
 
 
 def write_soup(out: str | Path, checkpoints: list[str], weights: list[float] | None = None) -> Path:
-    """`align soup`: builds the soup and writes it (model, tokenizer, soup.json) atomically to `out`."""
+    """`align soup`: writes the soup (model, tokenizer, soup.json) atomically to `out`, streamed tensor by tensor as
+    `write_soup_weights` does (the same bytes the `soup` reference loads)."""
+    from transformers import AutoTokenizer
+
     out = Path(out)
     if out.exists():
         raise ConfigError(f"--out '{out}' already exists; choose a new directory (nothing was overwritten)")
-    weights = soup_weights(weights, len(checkpoints))
-    model, tokenizer = build_soup(checkpoints, weights)
+    weights, ingredients, first_config = check_ingredients(checkpoints, weights)
+    tokenizer = _load_tokenizer(ingredients[0], AutoTokenizer)
     adapters = {}
     for c in checkpoints:  # cheap (files only); records what each adapter was merged onto
         ingredient = resolve_ingredient(c)
         if ingredient.adapter is not None:
             adapters[str(c)] = {"base_model_name_or_path": ingredient.model_source, "revision": ingredient.revision}
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        manifest = {"checkpoints": [str(c) for c in checkpoints], "weights": weights}
-        if adapters:
-            manifest["lora_adapters"] = adapters
-        atomic_write_json(tmp / "soup.json", manifest)
+    with torch.no_grad():
+        plan = _stream_sources(ingredients, first_config, "sdpa")
+        with atomic_directory(out) as tmp:
+            _write_soup_into(tmp, plan, ingredients, weights, first_config, "sdpa")
+            tokenizer.save_pretrained(tmp)
+            manifest = {"checkpoints": [str(c) for c in checkpoints], "weights": weights}
+            if adapters:
+                manifest["lora_adapters"] = adapters
+            atomic_write_json(tmp / "soup.json", manifest)
     return out
 
 

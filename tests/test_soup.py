@@ -467,7 +467,8 @@ def test_streamed_soup_equals_the_in_memory_soup(case, ingredients, lora_adapter
         "zero weights": ([ingredients[0], lora_adapters["lora1"], ingredients[2]], [0.0, 0.6, 0.4]),
     }[case]
     assert write_soup_weights(tmp_path / "soup", checkpoints, weights) is True  # streamed, no fallback
-    assert sorted(p.name for p in (tmp_path / "soup").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "soup").iterdir()) == ["config.json", "generation_config.json",
+                                                                      "model.safetensors"]
     written = params(tmp_path / "soup")
     expected, _ = build_soup(checkpoints, weights)
     for name, value in expected.named_parameters():
@@ -565,3 +566,18 @@ def test_soup_with_a_pytorch_model_bin_checkpoint_is_streamed_too(ingredients, t
     written = params(tmp_path / "soup")
     for name, value in expected.named_parameters():
         assert torch.equal(written[name], value), name
+
+
+def test_soup_reference_keeps_the_first_ingredients_generation_config(ingredients, lora_adapters, tmp_path,
+                                                                      soup_tmpdir):
+    """Sampling from the reference (`best_of_n`) stops where the first ingredient's generation config says (a chat
+    model often ends turns with more ids than config.json's eos_token_id), as the in-memory soup did."""
+    chat = tmp_path / "chat"
+    shutil.copytree(ingredients[0], chat)
+    generation = json.loads((chat / "generation_config.json").read_text())
+    (chat / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [3, 7]}))
+    config = ModelConfig(name_or_path=ingredients[0], dtype="float32")
+    for checkpoints, eos in (([str(chat), ingredients[1]], [3, 7]), ([lora_adapters["lora1"], str(chat)], 3)):
+        reference = build_reference("soup", {"checkpoints": checkpoints}, policy=None, model_config=config)
+        old, _ = build_soup(checkpoints)
+        assert reference.model.generation_config.eos_token_id == old.generation_config.eos_token_id == eos
