@@ -265,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _process_group_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
 def _shut_down_process_group() -> None:
     """Ends a distributed job in step: every rank waits for the others, then leaves the process group.
 
@@ -272,10 +277,10 @@ def _shut_down_process_group() -> None:
     still talking to it when rank 0 exits was seen to abort ("terminate called without an active exception") after
     training had finished and `final/` was written.
     """
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    import torch
+
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,9 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_environment(ns.verbose)
     from align.errors import AlignError
 
+    # Only a process group this command started is shut down: `main` called in a process that already has one (a
+    # notebook, a test session holding an in-process vLLM engine) leaves it alone.
+    had_process_group = _process_group_initialized()
     try:
         status = ns.func(ns)
-        _shut_down_process_group()
+        if _process_group_initialized() and not had_process_group:
+            _shut_down_process_group()
         return status
     except AlignError as e:
         print(f"align: error: {e}", file=sys.stderr)

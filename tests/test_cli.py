@@ -376,3 +376,19 @@ def test_a_second_train_into_a_finished_run_is_refused(outcomes):
                      "overwrite=true", cwd=o.cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((run / "train_summary.json").read_text())["global_step"] == 1
+
+
+def test_main_leaves_a_process_group_it_did_not_start(tmp_path):
+    """`align.cli.main` in a process that already has a process group (a notebook, a test session holding an
+    in-process vLLM engine) must not destroy it on success; it ends only a group its command started."""
+    import torch.distributed as dist
+
+    from align.cli import main
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["rm", "toy-data", "--out", str(tmp_path / "toy"), "--train-pairs", "8", "--eval-pairs", "4"]) == 0
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
