@@ -35,9 +35,6 @@ class PairLogps:
         """`[B]` sequence log-prob log π(y_l | x)."""
         return (self.rejected * self.rejected_mask).sum(-1)
 
-    def detach(self) -> "PairLogps":
-        return PairLogps(self.chosen.detach(), self.chosen_mask, self.rejected.detach(), self.rejected_mask)
-
     @classmethod
     def from_blocks(cls, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> "PairLogps":
         """The two `(logps, mask)` blocks of `completion_token_logps` (chosen first) as a `PairLogps`."""

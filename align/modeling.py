@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from align.errors import ConfigError
+from align.logps import MASKABLE_ATTENTION
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,7 +61,7 @@ class ModelConfig:
             raise ConfigError("name_or_path is required")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got '{self.dtype}'")
-        if self.attn_implementation not in ("sdpa", "eager"):
+        if self.attn_implementation not in MASKABLE_ATTENTION:
             raise ConfigError(f"attn_implementation must be sdpa or eager, got '{self.attn_implementation}' "
                               "(align's shared-prompt mask needs an attention that takes a 4D mask)")
 

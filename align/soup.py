@@ -687,7 +687,3 @@ def write_soup(out: str | Path, checkpoints: list[str], weights: list[float] | N
             atomic_write_json(tmp / "soup.json", manifest)
     return out
 
-
-def soup_manifest(path: str | Path) -> dict | None:
-    f = Path(path) / "soup.json"
-    return json.loads(f.read_text()) if f.exists() else None

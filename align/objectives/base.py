@@ -66,8 +66,6 @@ class Objective(abc.ABC):
         name: registry name (set by `register_objective`).
         aliases: extra registry names.
         Params: a `@dataclass` of the objective's parameters (every field documented via `metadata["help"]`).
-        needs_token_logps: True if the loss depends on individual token log-probs and not only on their sums
-            (e.g. SamPO). A reference that precomputes log-probs must then store per-token values, not sums.
 
     Call: `objective(policy, reference) -> (losses [B], metrics {key: [B]})`. Losses carry the graph of the
     policy log-probs; metrics are detached fp32. At least `rewards/chosen`, `rewards/rejected`,
@@ -79,7 +77,6 @@ class Objective(abc.ABC):
     #: Which trainer and recipe run it: "pairs" (PreferenceTrainer, preference data) or "on_policy"
     #: (OnPolicyTrainer: prompts, rollouts, a reward and a target; f-DPG).
     family: ClassVar[str] = "pairs"
-    needs_token_logps: ClassVar[bool] = False
 
     @dataclass
     class Params:

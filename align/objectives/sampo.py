@@ -179,7 +179,6 @@ class SamPO(FDPO):
     """SamPO: f-DPO on down-sampled token log-ratio sums (METHODS §6). Needs per-token reference log-probs."""
 
     Params = SamPOParams
-    needs_token_logps = True
 
     def __init__(self, params: SamPOParams | None = None, *, seed: int = 0):
         super().__init__(params, seed=seed)
