@@ -5,8 +5,8 @@ quickstart:
 	bash scripts/setup.sh
 	.venv/bin/align quickstart --output-dir outputs/quickstart
 
-# The suite at both ends of the supported versions, side by side (scripts/test_both.sh): in .venv with the newest
-# transformers (tests not marked vllm) and in .venv-vllm with vLLM's CPU build and the transformers it pins (all).
+# The suite at both ends of the supported versions (scripts/test_both.sh): in .venv with the newest transformers
+# (tests not marked vllm), then in .venv-vllm with vLLM's CPU build and the transformers it pins (the whole suite).
 test:
 	bash scripts/setup.sh dev
 	bash scripts/test_both.sh
