@@ -440,7 +440,7 @@ def _placeholder_weights(model) -> None:
                 module._buffers[name] = torch.empty_strided(b.shape, (0,) * b.dim(), dtype=b.dtype)
 
 
-class _AdapterSource:
+class _AdapterSource(_FullSource):
     """A LoRA adapter ingredient, tensor by tensor: its base's tensors, and for each targeted layer peft's own merge
     of that one layer.
 
@@ -451,18 +451,10 @@ class _AdapterSource:
     its placeholders back. Memory: the adapter and one layer."""
 
     def __init__(self, ingredient: Ingredient, files: _CheckpointFiles, peft_model, layers: dict):
-        self.ingredient, self.files, self.peft_model = ingredient, files, peft_model
+        super().__init__(ingredient, files)
+        self.peft_model = peft_model
         self.layers = layers  # base tensor name -> (peft LoRA layer, its base layer, parameter name)
         self.merged: dict[str, torch.Tensor] = {}  # merged tensors of a layer not yet asked for (its bias)
-
-    def names(self) -> list[str]:
-        return self.files.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.files.shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.files.dtype(name)
 
     def get_fp32(self, name: str) -> torch.Tensor:
         if name in self.merged:
