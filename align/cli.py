@@ -11,6 +11,8 @@
 
 Bad input (a config key, a data row, a model path) is reported as one line naming the key, file, row or field,
 with exit status 2 and no traceback.
+
+With `align.recipes`, this is the recipe layer (DESIGN.md): the one floor that may import reward_models and eval.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def _train(ns: argparse.Namespace) -> int:
     from align.config import load_train_config
 
     config = load_train_config(ns.config, ns.overrides)  # before importing the trainer: bad keys fail fast
-    from align.train import train
+    from align.recipes.train import train
 
     summary = train(config)
     if is_main_process():  # every process of a distributed run returns the summary; one line is enough
@@ -71,7 +73,7 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _quickstart(ns: argparse.Namespace) -> int:
-    from align.quickstart import run_quickstart
+    from align.recipes.quickstart import run_quickstart
 
     run_quickstart(ns.output_dir, seed=ns.seed, overwrite=ns.overwrite)
     return 0

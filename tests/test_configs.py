@@ -174,7 +174,7 @@ def test_recipe_keys_survive_validation_unchanged(path):
 
 
 def test_quickstart_yaml_equals_the_quickstart_recipe():
-    from align.quickstart import QUICKSTART_RECIPE
+    from align.recipes.quickstart import QUICKSTART_RECIPE
 
     expected = yaml.safe_load((CONFIG_DIR / "quickstart.yaml").read_text())
     recipe = {section: (dict(value) if isinstance(value, dict) else value)

@@ -33,7 +33,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from align import toy_world
 from align.config import load_train_config
 from align.errors import AlignError
-from align.train import train
+from align.recipes.train import train
 from align.trainer import CHECKPOINT_MARKER, PreferenceTrainer, latest_checkpoint
 
 MAX_STEPS, SAVE_STEPS = 40, 8  # 64 pairs / 4 per step = 16 steps per epoch

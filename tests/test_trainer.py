@@ -1,4 +1,4 @@
-"""align.trainer (and the `align.train.train` recipe): short training runs on the toy world.
+"""align.trainer (and the `align.recipes.train.train` recipe): short training runs on the toy world.
 
 Every run uses the tiny Llama from the fixtures and at most a few dozen optimizer steps. The numbers checked:
 the first step's loss is log 2 (the reference is the initial policy), training lowers the loss and raises the
@@ -24,7 +24,7 @@ from align.logps import SharedPromptCollator, pair_logps
 from align.modeling import LoraSection, ModelConfig, load_policy, load_tokenizer
 from align.objectives import SamPO, get_objective
 from align.references import PeftDisabledReference, build_reference
-from align.train import train
+from align.recipes.train import train
 from align.trainer import (
     CHECKPOINT_MARKER,
     PreferenceTrainer,

@@ -12,9 +12,9 @@ import yaml
 
 from align.cli import main
 from align.config import OnPolicyTrainConfig, load_train_config
-from align.train import train
+from align.recipes.train import train
 
-RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fdpg-toy.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "fdpg-toy.yaml"
 
 
 def overrides(sft: Path, out: Path, *extra: str) -> list[str]:

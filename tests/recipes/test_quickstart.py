@@ -18,13 +18,13 @@ SUMMARY_KEYS = ("gold_reward_before", "gold_reward_after", "kl_to_reference", "m
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    from align.quickstart import run_quickstart
+    from align.recipes.quickstart import run_quickstart
 
     root = tmp_path_factory.mktemp("quickstart")
     out = root / "qs"
     # The folder as a previous quickstart and its user left it: the quickstart's own entries (stale), plus a run the
     # user trained there and a notes file, which a rerun must keep.
-    from align.quickstart import MARKER
+    from align.recipes.quickstart import MARKER
 
     (out / "sft").mkdir(parents=True)
     (out / "sft" / "stale.bin").write_bytes(b"old")
@@ -121,7 +121,7 @@ def test_dpo_final_loads_and_differs_from_sft(quickstart):
 def test_no_temporary_siblings_left(quickstart):
     root, out, _ = quickstart
     assert [p.name for p in root.iterdir()] == ["qs"]
-    from align.quickstart import MARKER
+    from align.recipes.quickstart import MARKER
 
     hidden = [str(p.relative_to(out)) for p in out.rglob(".*")]
     assert hidden == [MARKER]

@@ -22,10 +22,10 @@ from align.io import SetupGuard, atomic_save_figure, atomic_write_json
 from align.modeling import load_tokenizer
 from align.prompts import load_prompts, prompts_source
 from align.rewards import RewardConfig, RewardFunction, load_callable_reward
-from align.train import (RunStarted, build_policy_reference_objective, check_output_dir, init_deepspeed_on_cpu,
-                         resume_point, save_final)
+from align.recipes.common import RunStarted, build_policy_reference_objective, save_final
+from align.runs import check_output_dir, init_deepspeed_on_cpu, resume_point
 
-logger = logging.getLogger("align.train_on_policy")
+logger = logging.getLogger("align.recipes.train_on_policy")
 
 
 def build_reward(section: RewardConfig, tokenizer, prompts: list[str]) -> RewardFunction:
@@ -67,7 +67,7 @@ def train_on_policy(config: OnPolicyTrainConfig) -> dict:
     eval_prompts = load_prompts(config.evaluation.prompts) if config.evaluation.prompts is not None else None
     set_seed(config.seed)
 
-    # An error anywhere before training starts leaves output_dir as it was (see align.train.RunStarted).
+    # An error anywhere before training starts leaves output_dir as it was (see align.recipes.common.RunStarted).
     with SetupGuard(output_dir, main_process=args.should_save) as guard:
         # Inputs first: prompts, the reward (an ensemble loads and is checked here), the sampler's preconditions.
         tokenizer = load_tokenizer(config.model)

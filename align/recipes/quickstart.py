@@ -130,7 +130,7 @@ def run_quickstart(output_dir: str | Path = "outputs/quickstart", *, seed: int =
 
     from align.config import load_train_config
     from align.logps import score_completions
-    from align.train import train
+    from align.recipes.train import train
 
     output_dir = Path(output_dir)
     check_output_folder(output_dir, overwrite)  # before anything is built
