@@ -62,9 +62,9 @@ def vllm_rollout(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def toy_sft_dir(tmp_path_factory, tiny_model_dir):
-    """The quickstart's SFT model (`align.recipes.quickstart.train_toy_sft`: TRL's SFTTrainer on grammar samples), trained
-    once per session: the starting policy and prior of the on-policy tests, which need a policy that speaks the
-    toy grammar for the gold reward to move."""
+    """The quickstart's SFT model (`align.recipes.quickstart.train_toy_sft`: TRL's SFTTrainer on grammar samples),
+    trained once per session: the starting policy and prior of the on-policy tests, which need a policy that speaks
+    the toy grammar for the gold reward to move."""
     from align.recipes.quickstart import train_toy_sft
 
     out = tmp_path_factory.mktemp("toy-sft") / "sft"
