@@ -29,10 +29,13 @@ import yaml
 from align.data import DataConfig
 from align.errors import ConfigError
 from align.modeling import ModelConfig
+from align.objectives import OBJECTIVES
 from align.prompts import PromptsConfig
+from align.references import reference_params
 from align.rewards import RewardConfig
 from align.rollout.config import GenerationConfig, RolloutConfig
-from align.schema import _coerce, _type_hints, from_dict
+from align.schema import ConfigKeyError, coerce, from_dict, type_hints
+from align.targets import target_params
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -109,7 +112,7 @@ class OnPolicyEvaluation:
 
     def __post_init__(self):
         if self.num_samples < 1:
-            raise ConfigError(f"num_samples: must be >= 1, got {self.num_samples}")
+            raise ConfigKeyError("num_samples", f"must be >= 1, got {self.num_samples}")
 
 
 @dataclass
@@ -206,8 +209,6 @@ def apply_override(raw: dict, item: str) -> None:
 
 def objective_family(raw: dict) -> str:
     """The family of the recipe's objective (`objective.name`, default fdpo), which picks its config and trainer."""
-    from align.objectives import OBJECTIVES
-
     section = raw.get("objective") or {}
     name = section.get("name", "fdpo") if isinstance(section, dict) else "fdpo"
     return OBJECTIVES.lookup(name, "objective.name").family
@@ -226,8 +227,6 @@ def validate_train_config(raw: dict) -> TrainConfig | OnPolicyTrainConfig:
 
 def validate_on_policy_config(raw: dict) -> OnPolicyTrainConfig:
     """Validates an on-policy recipe, including the combinations no single section can check."""
-    from align.targets import target_params
-
     config = from_dict(OnPolicyTrainConfig, raw)
     _, objective = objective_params(config.objective)
     target_cls, target = target_params(config.target)
@@ -257,8 +256,6 @@ def validate_on_policy_config(raw: dict) -> OnPolicyTrainConfig:
 
 def objective_params(section: dict):
     """Validates the `objective:` section → (objective class, its Params instance)."""
-    from align.objectives import OBJECTIVES
-
     section = dict(section)
     name = section.pop("name", "fdpo")  # TrainConfig's default objective, also when only overrides give params
     cls = OBJECTIVES.lookup(name, "objective.name")
@@ -270,11 +267,9 @@ def reference_section(section: dict):
     section = dict(section)
     kind = section.pop("kind", "auto")
     if kind != "auto":
-        from align.references import reference_params
-
         reference_params(kind, section)
     elif section:
-        raise ConfigError(f"reference.{next(iter(section))}: kind 'auto' takes no parameters")
+        raise ConfigKeyError(("reference", next(iter(section))), "kind 'auto' takes no parameters")
     return kind, section
 
 
@@ -314,7 +309,7 @@ def training_arguments_kwargs(section: dict) -> dict:
     wrote them (`align.trainer.training_arguments` translates renamed ones)."""
     from transformers import TrainingArguments
 
-    hints = _type_hints(TrainingArguments)
+    hints = type_hints(TrainingArguments)
     out = {}
     for key, value in section.items():
         installed = installed_training_key(key)
@@ -323,7 +318,7 @@ def training_arguments_kwargs(section: dict) -> dict:
                 raise ConfigError("training.warmup_ratio: not a transformers.TrainingArguments field (transformers 5 "
                                   "reads a warmup_steps below 1 as a fraction of the steps: use warmup_steps: 0.1)")
             raise ConfigError(f"training.{key}: not a transformers.TrainingArguments field")
-        out[key] = _coerce(value, hints.get(installed, Any), f"training.{key}")
+        out[key] = coerce(value, hints.get(installed, Any), ("training", key))
     check_training_values(out)
     _build_for_validation(out)
     return out

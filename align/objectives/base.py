@@ -6,9 +6,11 @@ per-example metrics (`dict[str, Tensor[B]]`, detached, fp32). The trainer averag
 objectives only through this interface (DESIGN.md).
 
 Configuration follows TRL's config style: each objective has a `Params` dataclass whose fields carry a
-`metadata={"help": ...}` string and whose `__post_init__` validates values (raising `ConfigError` naming the
-field). A recipe's `objective: {name: fdpo, divergence: js, beta: 0.1}` becomes
-`get_objective("fdpo", divergence="js", beta=0.1)`.
+`metadata={"help": ...}` string and whose `__post_init__` validates values (raising a `ConfigError` that names the
+field, e.g. with `check_number`). A recipe's `objective: {name: fdpo, divergence: js, beta: 0.1}` is validated by
+`align.config.objective_params` (the section as `FDPO.Params`, errors named `objective.<key>`) and built as
+`FDPO(params, seed=run_seed)`. From Python, `get_objective("fdpo", divergence="js", beta=0.1)` and
+`build_objective(section)` do both in one call.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from align.errors import ConfigError
 from align.logps import PairLogps
 from align.registry import Registry, normalise_name
+from align.schema import ConfigKeyError
 
 __all__ = ["OBJECTIVES", "Objective", "register_objective", "get_objective", "build_objective", "check_number"]
 
@@ -41,21 +44,22 @@ def check_number(
     lt: float | None = None,
     integer: bool = False,
 ) -> float | int:
-    """Validate a numeric config value; raise `ConfigError` naming `field_name` (helper for `__post_init__`)."""
+    """Validate a numeric config value; raise a `ConfigKeyError` naming `field_name` (helper for `__post_init__`:
+    `from_dict` puts the section's key in front, `objective.beta must be > 0`)."""
     kind = "an integer" if integer else "a number"
     ok_types = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, ok_types):
-        raise ConfigError(f"{field_name} must be {kind}, got {type(value).__name__}: {value!r}")
+        raise ConfigKeyError(field_name, f"must be {kind}, got {type(value).__name__}: {value!r}", " ")
     if not integer:
         value = float(value)
         if not math.isfinite(value):
-            raise ConfigError(f"{field_name} must be finite, got {value}")
+            raise ConfigKeyError(field_name, f"must be finite, got {value}", " ")
     if gt is not None and not value > gt:
-        raise ConfigError(f"{field_name} must be > {gt}, got {value}")
+        raise ConfigKeyError(field_name, f"must be > {gt}, got {value}", " ")
     if ge is not None and not value >= ge:
-        raise ConfigError(f"{field_name} must be >= {ge}, got {value}")
+        raise ConfigKeyError(field_name, f"must be >= {ge}, got {value}", " ")
     if lt is not None and not value < lt:
-        raise ConfigError(f"{field_name} must be < {lt}, got {value}")
+        raise ConfigKeyError(field_name, f"must be < {lt}, got {value}", " ")
     return value
 
 

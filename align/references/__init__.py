@@ -10,8 +10,9 @@ gives its parameters (`reference: {kind: frozen, name_or_path: ...}`). The train
 
 Kinds here: `frozen` (a frozen copy of the initial policy, or another model) and `peft_disabled` (the policy's
 base model with its LoRA adapter switched off: no second model in memory). `auto` picks `peft_disabled` for a
-LoRA policy and `frozen` otherwise. Later kinds (`tr_dpo`, `soup`, `precomputed`) register the same way;
-`precomputed` caches another kind's log-probs on disk in one pass before training and then frees that model.
+LoRA policy and `frozen` otherwise. The other kinds register the same way: `soup` (a weighted average of
+checkpoints), `tr_dpo` (a reference that moves toward the policy during training) and `precomputed` (another kind's
+log-probs, cached on disk in one pass before training, after which that model is freed).
 """
 
 from align.references.base import (REFERENCES, Reference, build_reference, reference_params,  # noqa: F401

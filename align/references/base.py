@@ -7,12 +7,13 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from align.logps import GroupLogps, PairLogps, batch_completion_keys
 import torch
 
 from align.errors import ConfigError
+from align.logps import GroupLogps, PairLogps, batch_completion_keys
 from align.modeling import ModelConfig, is_peft_model
 from align.registry import Registry
+from align.schema import from_dict
 
 #: kind -> Reference subclass (`reference.kind`; `auto` is resolved by `resolve_kind`).
 REFERENCES = Registry("kind")
@@ -103,8 +104,6 @@ class Reference(abc.ABC):
 def reference_params(kind: str, params: dict[str, Any]):
     """Validates `params` for reference `kind`; errors name the key (`reference.<key>`)."""
     cls = REFERENCES.lookup(kind, "reference.kind", also_known=["auto"])
-    from align.schema import from_dict  # the shared validator: value types and __post_init__ errors as dotted keys
-
     return from_dict(cls.Params, params, "reference.", owner=f"reference kind '{kind}'")
 
 

@@ -33,10 +33,11 @@ import torch
 
 from align.errors import AlignError, ConfigError
 from align.io import atomic_directory
-from align.logps import PROMPT_SEGMENT, PairLogps, _attention_implementation
+from align.logps import PairLogps, _attention_implementation, packed_examples
 from align.modeling import is_peft_model
 from align.references.base import REFERENCES, Reference, build_reference, register_reference, resolve_kind
 from align.references.frozen import PeftDisabledReference
+from align.schema import from_dict
 
 logger = logging.getLogger("align.references")
 _ID_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -104,8 +105,6 @@ class PrecomputedReference(Reference):
                               "if ALIGN_CACHE_DIR is set, else ~/.cache/align/reference_logps."})
 
         def __post_init__(self):
-            from align.schema import from_dict
-
             of = dict(self.of)
             kind = of.pop("kind", "auto")
             if kind in _REFUSED:
@@ -319,17 +318,13 @@ class PrecomputedReference(Reference):
         if not self._rows:
             raise AlignError("reference kind 'precomputed': nothing was precomputed (PreferenceTrainer calls "
                              "precompute() with its datasets)")
-        ids, segments = batch["input_ids"].cpu(), batch["segment_ids"].cpu()
-        P, (wc, wr) = batch["prompt_width"], batch["block_widths"]
         masks = batch["chosen_mask"].cpu(), batch["rejected_mask"].cpu()
         out = torch.zeros(masks[0].shape), torch.zeros(masks[1].shape)
-        for i in range(len(ids)):
-            prompt = ids[i, :P][segments[i, :P] == PROMPT_SEGMENT]
-            chosen, rejected = ids[i, P:P + wc][masks[0][i]], ids[i, P + wc:P + wc + wr][masks[1][i]]
-            entry = self._rows.get(_row_digest(prompt, chosen, rejected))
+        for i, (prompt, (chosen, rejected)) in enumerate(packed_examples(batch)):
+            entry = self._rows.get(_row_digest(prompt.cpu(), chosen.cpu(), rejected.cpu()))
             if entry is None:
                 raise AlignError(
-                    f"reference kind 'precomputed': batch row {i} (prompt {len(prompt)}, chosen {len(chosen)}, "
+                    f"reference kind 'precomputed': batch example {i} (prompt {len(prompt)}, chosen {len(chosen)}, "
                     f"rejected {len(rejected)} tokens) is not among the precomputed pairs; only the datasets given "
                     f"to the trainer ({', '.join(self.cache_info)}) have reference log-probs")
             store, j, offsets = entry
