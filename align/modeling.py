@@ -13,7 +13,30 @@ import torch
 from align.errors import ConfigError
 from align.logps import MASKABLE_ATTENTION
 
+#: The weight dtypes a recipe or a loader may name (besides `auto`, see `resolve_dtype`).
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+    """The torch dtype weights are loaded in: a torch dtype or a name in `_DTYPES` as it is; `auto` is float32 on a
+    CPU (bf16 matmuls are emulated there, ~60x slower) and bfloat16 on a GPU that supports it. `device`: where the
+    weights will live (None: CUDA when available, else CPU). The one rule policies and reward models share."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device is None:
+            on_gpu = torch.cuda.is_available()
+        else:
+            on_gpu = torch.device(device).type == "cuda"
+        return torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ConfigError(f"dtype must be auto, a torch dtype or one of {', '.join(_DTYPES)}; got {dtype!r}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` → "bfloat16", the name `resolve_dtype` reads back."""
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -66,11 +89,8 @@ class ModelConfig:
                               "(align's shared-prompt mask needs an attention that takes a 4D mask)")
 
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        """`dtype` as a torch dtype (`resolve_dtype`; `auto` decided for this machine)."""
+        return resolve_dtype(self.dtype)
 
 
 #: A Hugging Face Hub repo id: `name` or `owner/name`, letters, digits, `-`, `_`, `.` (huggingface_hub's rule, at most
