@@ -11,7 +11,7 @@ row must have the same one; columns other than `prompt`/`chosen`/`rejected` are 
 - implicit prompt, conversational: `{"chosen": [...], "rejected": [...]}`; the prompt is their common leading turns
 
 The implicit prompt is extracted with `trl.data_utils.extract_prompt` and chat templates are applied with
-`trl.data_utils.maybe_apply_chat_template`, so a dataset means here what it means to TRL. (As in TRL, a text
+`trl.data_utils.apply_chat_template` (`render_chat`), so a dataset means here what it means to TRL. (As in TRL, a text
 `prompt` column next to conversational completions is ignored and the prompt extracted; and the text common prefix
 is taken character by character, so it can end inside a word — a warning counts such rows.) Roles must be one of
 system, user, assistant, tool, and contents must be non-empty strings. Every problem with a row is one `DataError`
@@ -36,6 +36,11 @@ Tokens
 - chosen / rejected: `add_special_tokens=False`, then EOS appended unless it is already the last token, so the model
   learns to stop. For chat templates the whitespace a template writes after the end-of-turn marker is dropped first
   (otherwise `<|im_end|>\\n` would become `<|im_end|>\\n<|im_end|>` for tokenizers whose EOS is the end-of-turn).
+
+The same rules make every other row of ids a model is trained on, sampled after or scored on: `tokenize_prompts`
+(the prompts an on-policy run samples after) and `tokenize_pairs` (a reward model's `prompt + response` rows, for
+training and scoring), so a policy and its reward model see the same ids for the same text. A reward model's row
+that is too long keeps its last tokens (`truncate_left`: the end of the response, where the reward is read).
 
 Length policy
 -------------
@@ -673,18 +678,44 @@ def _tokenize_batched(tokenizer, texts: list[str], add_special_tokens: bool) -> 
     return ids
 
 
-def finish_prompt_ids(ids: list[int], tokenizer, *, source: str = "<prompts>", row: int | None = None) -> list[int]:
+def finish_prompt_ids(ids: list[int], tokenizer, *, source: str = "<prompts>", row: int | None = None,
+                      required: bool = True) -> list[int]:
     """A tokenized prompt as training sees it (module docstring, "Tokens"): a doubled leading BOS collapsed to one,
-    an empty prompt replaced by BOS (a `DataError` naming `source`/`row` when the tokenizer has none)."""
+    an empty prompt replaced by BOS. With no BOS to stand in, an empty prompt is a `DataError` naming `source`/`row`
+    when `required` (a policy predicts its first completion token from the prompt's last one) and stays empty
+    otherwise (a reward model reads its reward at the end of the row)."""
     bos = tokenizer.bos_token_id
     if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
         ids = ids[1:]
-    if not ids:
-        if bos is None:
-            raise DataError(source, row, "prompt", "tokenizes to no tokens and the tokenizer has no BOS token "
-                                                   "to stand in for it")
+    if not ids and bos is not None:
         ids = [bos]
+    if not ids and required:
+        raise DataError(source, row, "prompt", "tokenizes to no tokens and the tokenizer has no BOS token "
+                                               "to stand in for it")
     return list(ids)
+
+
+def finish_completion_ids(ids: list[int], tokenizer) -> list[int]:
+    """A tokenized completion as training sees it: EOS appended unless it is already the last token (a policy
+    learns to stop; a reward model reads its reward there). Unchanged when the tokenizer has no EOS."""
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        return list(ids) + [eos]
+    return list(ids)
+
+
+def render_chat(example: dict, tokenizer, *, source: str, row: int) -> dict[str, str]:
+    """One conversational row → the same keys as text, rendered with the tokenizer's chat template by TRL's
+    `apply_chat_template` (`prompt` plus `chosen`/`rejected` or `completion`, each a message list). Each completion
+    loses the whitespace the template writes after its end-of-turn marker (module docstring, "Tokens"). A template
+    that fails is a `DataError` naming `source` and `row`."""
+    from trl.data_utils import apply_chat_template
+
+    try:
+        texts = apply_chat_template(example, tokenizer)
+    except Exception as e:  # noqa: BLE001  (jinja errors raised by the model's own template, e.g. role alternation)
+        raise DataError(source, row, None, f"the chat template failed: {_one_line(e)}") from None
+    return {key: text if key == "prompt" else text.rstrip() for key, text in texts.items()}
 
 
 def tokenize_prompts(tokenizer, prompts: list, *, source: str = "<prompts>") -> list[list[int]]:
@@ -724,24 +755,98 @@ def tokenize_prompts(tokenizer, prompts: list, *, source: str = "<prompts>") -> 
     return out
 
 
-def _render(rows: list[dict], fmt: PreferenceFormat, tokenizer, source: str) -> list[dict]:
-    """Conversations → text with the tokenizer's chat template, as TRL renders them; text rows pass through."""
-    from trl.data_utils import maybe_apply_chat_template
+def tokenize_pairs(tokenizer, prompts: list, responses: list, max_length: int | None = None, *,
+                   source: str = "<pairs>") -> list[list[int]]:
+    """The ids of `prompt + response` for each of B pairs → B lists of ids (unpadded): a reward model's rows, made
+    by the rules a DPO pair is tokenized with (module docstring, "Tokens"), so that a policy and its reward model
+    see the same ids.
 
+    - a text prompt takes a text response; both are tokenized as a text preference row's prompt and completion;
+    - a conversational prompt (a message list) takes a text response (one assistant message) or a message list;
+      the pair is rendered by `render_chat` and tokenized as a chat preference row;
+    - the prompt is finished by `finish_prompt_ids` (an empty one becomes BOS, or stays empty when the tokenizer has
+      no BOS), the response by `finish_completion_ids` (EOS appended: the reward is read there); an empty response
+      is just EOS (a policy may stop at once).
+    With `max_length`, a longer row keeps its LAST `max_length` tokens (`truncate_left`), counted in a warning on
+    the `align.data` logger. Errors are `DataError`s naming `source`, the 1-based row and the field.
+    """
+    if len(prompts) != len(responses):
+        raise DataError(source, None, None, f"{len(prompts)} prompts but {len(responses)} responses")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise ConfigError(f"max_length: must be a positive integer or None, got {max_length!r}")
+    text_rows, chat_rows = [], []
+    for row, (prompt, response) in enumerate(zip(prompts, responses), start=1):
+        if isinstance(prompt, str):
+            if not isinstance(response, str):
+                raise DataError(source, row, "response", f"must be a string when the prompt is a string, got "
+                                                         f"{type(response).__name__}")
+            text_rows.append(row - 1)
+        elif isinstance(prompt, list):
+            check_messages(prompt, source=source, row=row, name="prompt")
+            if is_messages(response):
+                check_messages(response, source=source, row=row, name="response")
+            elif not isinstance(response, str):
+                raise DataError(source, row, "response", f"must be a string or a list of chat messages, got "
+                                                         f"{type(response).__name__}")
+            chat_rows.append(row - 1)
+        else:
+            raise DataError(source, row, "prompt", f"must be a string or a list of chat messages, got "
+                                                   f"{type(prompt).__name__}")
+
+    n = len(prompts)
+    prompt_ids: list[list[int] | None] = [None] * n
+    response_ids: list[list[int] | None] = [None] * n
+    rendered = []
+    if chat_rows:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise DataError(source, chat_rows[0] + 1, "prompt", "is a list of chat messages but the tokenizer has no "
+                                                                "chat template")
+        for i in chat_rows:
+            response = responses[i]
+            completion = [{"role": "assistant", "content": response}] if isinstance(response, str) else response
+            rendered.append(render_chat({"prompt": prompts[i], "completion": completion}, tokenizer, source=source,
+                                        row=i + 1))
+    # As in `_tokenize_checked`: a text prompt gets the tokenizer's special tokens, a templated one and every
+    # response none.
+    for rows, prompt_texts, response_texts, special in (
+            (text_rows, [prompts[i] for i in text_rows], [responses[i] for i in text_rows], True),
+            (chat_rows, [t["prompt"] for t in rendered], [t["completion"] for t in rendered], False)):
+        for i, p, r in zip(rows, _tokenize_batched(tokenizer, prompt_texts, add_special_tokens=special),
+                           _tokenize_batched(tokenizer, response_texts, add_special_tokens=False), strict=True):
+            prompt_ids[i], response_ids[i] = p, r
+
+    out = []
+    for i in range(n):
+        ids = (finish_prompt_ids(prompt_ids[i], tokenizer, source=source, row=i + 1, required=False)
+               + finish_completion_ids(response_ids[i], tokenizer))
+        if not ids:
+            raise DataError(source, i + 1, "response", "prompt and response tokenize to no tokens (and the tokenizer "
+                                                       "has neither BOS nor EOS)")
+        out.append(ids)
+    out, truncated = truncate_left(out, max_length)
+    if truncated:
+        logger.warning("%s: %d of %d rows were longer than max_length=%d and kept their last %d tokens (the prompt "
+                       "lost its beginning)", source, truncated, n, max_length, max_length)
+    return out
+
+
+def truncate_left(rows: list[list[int]], max_length: int | None) -> tuple[list[list[int]], int]:
+    """Rows of ids longer than `max_length` keep their last `max_length` ids (a reward model's rule: the end of the
+    response, where the reward is read, matters most; the prompt loses its beginning) → (rows, how many were cut).
+    None: no limit."""
+    if max_length is None:
+        return [list(row) for row in rows], 0
+    return [list(row[-max_length:]) for row in rows], sum(len(row) > max_length for row in rows)
+
+
+def _render(rows: list[dict], fmt: PreferenceFormat, tokenizer, source: str) -> list[dict]:
+    """Conversations → text with the tokenizer's chat template (`render_chat`); text rows pass through."""
     if not fmt.conversational:
         return rows
     if getattr(tokenizer, "chat_template", None) is None:
         raise DataError(source, None, None, "rows are conversational but the tokenizer has no chat template")
-    rendered = []
-    for i, example in enumerate(rows, start=1):
-        try:
-            texts = maybe_apply_chat_template(example, tokenizer)
-        except Exception as e:  # noqa: BLE001  (jinja errors raised by the model's own template, e.g. role alternation)
-            raise DataError(source, i, None, f"the chat template failed: {_one_line(e)}") from None
-        # See the module docstring: the end-of-turn marker, not the whitespace after it, ends the completion.
-        rendered.append({"prompt": texts["prompt"], "chosen": texts["chosen"].rstrip(),
-                         "rejected": texts["rejected"].rstrip()})
-    return rendered
+    return [render_chat(example, tokenizer, source=source, row=i) for i, example in enumerate(rows, start=1)]
 
 
 def _warn_mid_word_prompts(rows: list[dict], source: str):
@@ -778,17 +883,12 @@ def _tokenize_checked(checked: CheckedRows, tokenizer, *, max_length: int | None
     prompts = _tokenize_batched(tokenizer, [t["prompt"] for t in texts], add_special_tokens=not fmt.conversational)
     chosens = _tokenize_batched(tokenizer, [t["chosen"] for t in texts], add_special_tokens=False)
     rejecteds = _tokenize_batched(tokenizer, [t["rejected"] for t in texts], add_special_tokens=False)
-    eos = tokenizer.eos_token_id
 
     report = LengthReport(source=source, rows=len(texts), kept=0)
     kept_p, kept_c, kept_r = [], [], []
     for row, (p, c, r) in enumerate(zip(prompts, chosens, rejecteds, strict=True), start=1):
         p = finish_prompt_ids(p, tokenizer, source=source, row=row)
-        if eos is not None:
-            if not c or c[-1] != eos:
-                c = c + [eos]
-            if not r or r[-1] != eos:
-                r = r + [eos]
+        c, r = finish_completion_ids(c, tokenizer), finish_completion_ids(r, tokenizer)
         for name, ids in (("chosen", c), ("rejected", r)):
             if not ids:
                 raise DataError(source, row, name, "tokenizes to no tokens")

@@ -13,8 +13,11 @@ from align.data import (
     LengthReport,
     PreferenceDataset,
     build_preference_dataset,
+    finish_prompt_ids,
     load_rows,
+    tokenize_pairs,
     tokenize_preference_rows,
+    truncate_left,
 )
 from align.errors import ConfigError, DataError
 from align.toy_world import build_tokenizer
@@ -554,3 +557,67 @@ def test_prompts_are_tokenized_for_sampling_exactly_as_for_training(toy_tokenize
     with pytest.raises(DataError, match=r"<prompts>: row 2: field 'prompt': expected text, a message list or token "
                                         r"ids, got dict"):
         tokenize_prompts(toy_tokenizer, ["fine", {"role": "user"}])
+
+
+# ----------------------------------------------------------------------------------------------- reward-model rows
+
+
+def test_reward_model_rows_are_the_policy_ids_of_the_same_text(toy_tokenizer):
+    # `tokenize_pairs` (a reward model's prompt + response rows, training and scoring) and the preference pipeline
+    # share their rules: the same text and chat rows give the same ids, BOS collapse and EOS included.
+    text_rows = [{"prompt": "describe the movie .", "chosen": "it was great .", "rejected": "it was bad ."},
+                 {"prompt": "<bos> review the song .", "chosen": "it was fun <eos>", "rejected": "it was dull ."}]
+    chat_rows = [{"prompt": [{"role": "system", "content": "be fun"}, *USER], "chosen": GREAT, "rejected": BAD},
+                 {"prompt": USER, "chosen": BAD, "rejected": GREAT}]
+    for rows in (text_rows, chat_rows):
+        dataset, _ = tokenize(rows, toy_tokenizer, max_length=None, max_prompt_length=None)
+        for completion in ("chosen", "rejected"):
+            ids = tokenize_pairs(toy_tokenizer, [r["prompt"] for r in rows], [r[completion] for r in rows])
+            assert ids == [item["prompt_input_ids"] + item[f"{completion}_input_ids"] for item in dataset]
+    assert tokenize_pairs(toy_tokenizer, [text_rows[1]["prompt"]], ["x"])[0].count(toy_tokenizer.bos_token_id) == 1
+    # A chat response may also be a plain string: it becomes one assistant message.
+    assert (tokenize_pairs(toy_tokenizer, [USER], [GREAT[0]["content"]])
+            == tokenize_pairs(toy_tokenizer, [USER], [GREAT]))
+
+
+def test_reward_model_rows_end_with_one_eos_and_keep_their_end(toy_tokenizer, caplog):
+    bos, eos = toy_tokenizer.bos_token_id, toy_tokenizer.eos_token_id
+    row = tokenize_pairs(toy_tokenizer, ["describe the movie ."], [" it was great ."])[0]
+    assert row[0] == bos and row[-1] == eos and row.count(eos) == 1
+    assert tokenize_pairs(toy_tokenizer, ["describe the movie ."], [" it was great . <eos>"])[0] == row
+    assert tokenize_pairs(toy_tokenizer, [""], [""]) == [[bos, eos]]  # an empty response is just EOS
+    with caplog.at_level(logging.WARNING, logger="align.data"):
+        assert tokenize_pairs(toy_tokenizer, ["describe the movie ."], [" it was great ."], 4)[0] == row[-4:]
+    assert any("1 of 1 rows were longer than max_length=4" in r.getMessage() for r in caplog.records)
+    assert truncate_left([[1, 2, 3], [4]], 2) == ([[2, 3], [4]], 1)
+    assert truncate_left([[1, 2, 3]], None) == ([[1, 2, 3]], 0)
+
+
+def test_reward_model_row_without_bos_keeps_an_empty_prompt(toy_tokenizer):
+    # A policy needs a prompt token to predict its first completion token from (an empty prompt without BOS is an
+    # error there); a reward model reads the end of the row, so its empty prompt stays empty.
+    class NoBos:
+        bos_token_id = None
+        eos_token_id = toy_tokenizer.eos_token_id
+
+        def __call__(self, texts, add_special_tokens):
+            return toy_tokenizer(texts, add_special_tokens=False)
+
+    assert tokenize_pairs(NoBos(), [""], ["great"]) == [toy_tokenizer("great", add_special_tokens=False)["input_ids"]
+                                                        + [toy_tokenizer.eos_token_id]]
+    with pytest.raises(DataError, match="no BOS token"):
+        finish_prompt_ids([], NoBos(), source="s", row=1)
+
+
+@pytest.mark.parametrize("prompts, responses, match", [
+    (["a"], ["b", "c"], r"1 prompts but 2 responses"),
+    ([3], ["b"], r"row 1: field 'prompt': must be a string or a list of chat messages"),
+    (["a"], [None], r"row 1: field 'response': must be a string when the prompt is a string"),
+    ([USER], [3], r"row 1: field 'response': must be a string or a list of chat messages"),
+    ([[{"role": "robot", "content": "hi"}]], ["b"], r"row 1: field 'prompt\[0\].role': unknown chat role"),
+])
+def test_reward_model_row_errors(toy_tokenizer, prompts, responses, match):
+    with pytest.raises(DataError, match=match):
+        tokenize_pairs(toy_tokenizer, prompts, responses)
+    with pytest.raises(ConfigError, match=r"max_length: must be a positive integer or None, got 0"):
+        tokenize_pairs(toy_tokenizer, ["a"], ["b"], 0)
