@@ -8,7 +8,7 @@ Importing this package imports torch only; transformers and PEFT are imported wh
 """
 
 from reward_models.aggregate import AGGREGATIONS, aggregate, check_aggregation, register_aggregation
-from reward_models.ensemble import ENSEMBLE_KINDS, RewardEnsemble, encode_pairs, load_ensemble
+from reward_models.ensemble import ENSEMBLE_KINDS, RewardEnsemble, load_ensemble
 
-__all__ = ["AGGREGATIONS", "ENSEMBLE_KINDS", "RewardEnsemble", "aggregate", "check_aggregation", "encode_pairs",
-           "load_ensemble", "register_aggregation"]
+__all__ = ["AGGREGATIONS", "ENSEMBLE_KINDS", "RewardEnsemble", "aggregate", "check_aggregation", "load_ensemble",
+           "register_aggregation"]

@@ -89,6 +89,17 @@ def check_aggregation(method: str, params: dict[str, Any] | None = None, *,
     return full
 
 
+def split_aggregation(aggregation: dict | None) -> tuple[str, dict[str, Any]]:
+    """An aggregation as an ensemble stores it, `{"method": ..., **params}` (None: the mean) → (method, params);
+    the parameters are checked by `check_aggregation`, not here."""
+    if aggregation is None:
+        return "mean", {}
+    if not isinstance(aggregation, dict) or "method" not in aggregation:
+        raise ConfigError(f"aggregation: must be a mapping with a 'method' (mean, wco, uwo), got {aggregation!r}")
+    params = dict(aggregation)
+    return params.pop("method"), params
+
+
 def aggregate(scores: torch.Tensor, method: str, **params) -> torch.Tensor:
     """Aggregates per-member rewards `scores[B, K]` → `[B]` with the registered `method` and its `params`.
 

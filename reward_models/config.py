@@ -6,16 +6,17 @@ A reward-model recipe has the sections and scalars below (the keys are the same 
     data:         DataConfig         (align/data.py)       preference pairs, the same formats as `align train`
     ensemble:     EnsembleSection    how many members (K) and how they differ (kind, seeds, data order)
     loss:         LossSection        Bradley–Terry margin, label smoothing, label-noise injection
-    aggregation:  {method: mean|wco|uwo, <its params>, normalize: bool}   how members combine (reward_models/aggregate.py)
+    aggregation:  {method: mean|wco|uwo, <its params>, normalize: bool}
+                                     how members combine (reward_models/aggregate.py)
     lora:         LoraSection        the adapters of kind `lora` (one per member)
     training:     any `transformers.TrainingArguments` field (output_dir, learning_rate, deepspeed, report_to, …)
     seed:         int
     disable_dropout: bool
     overwrite:    bool               write into an output_dir that already holds a run (default: refused)
 
-Loading reuses align's machinery (`align.config.load_yaml`, `apply_override`, `from_dict`,
-`training_arguments_kwargs`): an unknown key or a value of the wrong type is a one-line `ConfigError` naming the
-dotted key, exactly as for `align train`.
+Loading reuses align's machinery (`align.config.load_recipe`: YAML file, dotted overrides, the file named in errors;
+`align.schema.from_dict`; `align.config.training_arguments_kwargs`): an unknown key or a value of the wrong type is a
+one-line `ConfigError` naming the dotted key, exactly as for `align train`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.config import from_dict, load_recipe, training_arguments_kwargs
+from align.config import load_recipe, training_arguments_kwargs
 from align.data import DataConfig
 from align.errors import ConfigError
 from align.modeling import LoraSection, ModelConfig
-from reward_models.ensemble import ENSEMBLE_KINDS
+from align.schema import from_dict
+from reward_models.ensemble import check_activation_checkpointing
+from reward_models.manifest import ENSEMBLE_KINDS
 
 DATA_ORDERS = ("shared", "per_member")
 
@@ -111,10 +114,6 @@ class LossSection:
                               f"it they are inverted), got {self.label_noise}")
 
 
-_MODEL_LORA = ("model.lora: not used by reward models; for LoRA members set ensemble.kind: lora and the adapter in "
-               "the top-level `lora:` section")
-
-
 @dataclass
 class RMConfig:
     """A full `align rm train` recipe."""
@@ -127,7 +126,8 @@ class RMConfig:
     ensemble: EnsembleSection = field(
         default_factory=EnsembleSection, metadata={"help": "Members and how they differ (see EnsembleSection)."},
     )
-    loss: LossSection = field(default_factory=LossSection, metadata={"help": "Bradley–Terry options (see LossSection)."})
+    loss: LossSection = field(default_factory=LossSection,
+                              metadata={"help": "Bradley–Terry options (see LossSection)."})
     aggregation: dict[str, Any] = field(
         default_factory=lambda: {"method": "mean"},
         metadata={"help": "`method` (mean | wco | uwo) plus its parameters (uwo: lam >= 0, default 0.5; ddof 0 or 1, "
@@ -156,18 +156,12 @@ class RMConfig:
                 "training.resume_from_checkpoint=latest is always allowed into a run without an ensemble/)."})
 
     def __post_init__(self):
-        if self.model.lora is not None:
-            raise ConfigError(_MODEL_LORA)
         if self.lora is not None and self.ensemble.kind != "lora":
             raise ConfigError(f"lora: only used by ensemble.kind lora (this recipe's kind is {self.ensemble.kind})")
         if self.ensemble.kind == "lora" and self.lora is None:
             self.lora = LoraSection()
         if self.ensemble.seeds is None:
             self.ensemble.seeds = [self.seed + k for k in range(self.ensemble.members)]
-
-    @property
-    def member_seeds(self) -> list[int]:
-        return list(self.ensemble.seeds)
 
     def aggregation_params(self) -> tuple[str, dict[str, Any], bool]:
         """(method, its full parameters, normalize) of the validated `aggregation:` section."""
@@ -203,8 +197,11 @@ def load_rm_config(path: str | Path | None, overrides: list[str] = (), base: dic
 
 def validate_rm_config(raw: dict) -> RMConfig:
     model = raw.get("model")
-    if isinstance(model, dict) and model.get("lora") is not None:  # before from_dict, to name the dotted key
-        raise ConfigError(_MODEL_LORA)
+    # Checked on the raw section: from_dict would first validate the unused LoraSection, and an RMConfig is only
+    # ever built here.
+    if isinstance(model, dict) and model.get("lora") is not None:
+        raise ConfigError("model.lora: not used by reward models; for LoRA members set ensemble.kind: lora and the "
+                          "adapter in the top-level `lora:` section")
     data = raw.get("data")
     if isinstance(data, dict) and data.get("max_prompt_length") is not None:
         raise ConfigError("data.max_prompt_length: not used by reward models (a row longer than data.max_length keeps "
@@ -230,10 +227,8 @@ def validate_rm_config(raw: dict) -> RMConfig:
     if "output_dir" not in config.training:
         raise ConfigError("training.output_dir: required key is missing")
     for key in ("activation_checkpointing", "gradient_checkpointing"):
-        if config.training.get(key) and config.ensemble.kind == "lora" and config.ensemble.members > 1:
-            raise ConfigError(f"training.{key}: not available for a LoRA ensemble with more than one member (the "
-                              f"backward recomputation would run with the wrong adapter); use kind seeds or "
-                              f"multi_head, or turn it off")
+        if config.training.get(key):
+            check_activation_checkpointing(config.ensemble.kind, config.ensemble.members, key=f"training.{key}")
     return config
 
 

@@ -4,14 +4,14 @@ Loading and validation are `align.data`'s (`load_rows`, `validate_preference_row
 (explicit or implicit prompt, text or conversational), and every bad row is one `DataError` naming the file, the
 1-based row and the field; missing, null, empty and whitespace-only prompts and responses are refused.
 
-Tokens are the scoring path's (`reward_models.ensemble.encode_pairs`), so that a reward model is trained on exactly
-the ids `RewardEnsemble.score` and `align rm score` later feed it: each pair gives two rows, `prompt + chosen` and
-`prompt + rejected`, with EOS appended to the response (the reward is read at the last token).
+Tokens are the scoring path's (`align.data.tokenize_pairs`, the policy's rules), so that a reward model is trained on
+exactly the ids `RewardEnsemble.score` and `align rm score` later feed it: each pair gives two rows,
+`prompt + chosen` and `prompt + rejected`, with EOS appended to the response (the reward is read at the last token).
 
 Length policy (`data.max_length` bounds one row, prompt + response; `data.max_prompt_length` is not used and must
 be null, see `RMConfig`):
-- `truncate`: a longer row keeps its LAST `max_length` tokens (encode_pairs' rule: the end of the response, where
-  the reward is read, matters most; the prompt loses its beginning);
+- `truncate`: a longer row keeps its LAST `max_length` tokens (`align.data.truncate_left`: the end of the response,
+  where the reward is read, matters most; the prompt loses its beginning);
 - `drop`: a pair with either row longer than `max_length` is left out.
 Counts go into an `align.data.LengthReport` (chosen/rejected truncated, pairs dropped), logged on `align.data`.
 
@@ -28,9 +28,16 @@ from dataclasses import dataclass
 
 import torch
 
-from align.data import DataConfig, LengthReport, load_config_rows, validate_preference_rows
+from align.data import (
+    DataConfig,
+    LengthReport,
+    load_config_rows,
+    tokenize_pairs,
+    truncate_left,
+    validate_preference_rows,
+)
 from align.errors import ConfigError, DataError
-from reward_models.ensemble import encode_pairs, pad_right
+from reward_models.modeling import pad_right
 
 logger = logging.getLogger("align.data")
 
@@ -90,28 +97,21 @@ def tokenize_reward_pairs(rows, tokenizer, *, source: str = "<rows>", max_length
     prompts = [r["prompt"] for r in checked]
     chosen = [r["chosen"] for r in checked]
     rejected = [r["rejected"] for r in checked]
-    # Untruncated here so the length policy can count (and `drop` can see) what is over; truncation below is
-    # encode_pairs' own rule (tests keep the two equal).
-    chosen_ids = encode_pairs(tokenizer, prompts, chosen, None, source=source)
-    rejected_ids = encode_pairs(tokenizer, prompts, rejected, None, source=source)
+    # Untruncated here so that the length policy can count (and `drop` can see) what is over.
+    chosen_ids = tokenize_pairs(tokenizer, prompts, chosen, None, source=source)
+    rejected_ids = tokenize_pairs(tokenizer, prompts, rejected, None, source=source)
 
     report = LengthReport(source=source, rows=len(checked), kept=0)
-    keep = []
-    for i, (c, r) in enumerate(zip(chosen_ids, rejected_ids, strict=True)):
-        c_over = max_length is not None and len(c) > max_length
-        r_over = max_length is not None and len(r) > max_length
-        if length_policy == "drop":
-            if c_over or r_over:
-                report.dropped += 1
-                continue
-        else:
-            if c_over:
-                chosen_ids[i] = c[-max_length:]
-                report.chosen_truncated += 1
-            if r_over:
-                rejected_ids[i] = r[-max_length:]
-                report.rejected_truncated += 1
-        keep.append(i)
+    if length_policy == "drop":
+        def fits(ids):
+            return max_length is None or len(ids) <= max_length
+
+        keep = [i for i, (c, r) in enumerate(zip(chosen_ids, rejected_ids, strict=True)) if fits(c) and fits(r)]
+        report.dropped = len(checked) - len(keep)
+    else:
+        chosen_ids, report.chosen_truncated = truncate_left(chosen_ids, max_length)
+        rejected_ids, report.rejected_truncated = truncate_left(rejected_ids, max_length)
+        keep = list(range(len(checked)))
     report.kept = len(keep)
     logger.log(logging.WARNING if report.changed else logging.INFO, "%s", report.summary())
     if not keep:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from align.data import finish_completion_ids, truncate_left
 from align.errors import AlignError
 from align.rewards import RewardFunction, RewardScores
-from reward_models.ensemble import RewardEnsemble, truncate_rows
+from reward_models.ensemble import RewardEnsemble
 
 
 class EnsembleReward(RewardFunction):
@@ -34,14 +35,11 @@ class EnsembleReward(RewardFunction):
     def score_tokens(self, prompt_ids, completion_ids, prompts, completions) -> RewardScores:
         if not self.shares_tokenizer:
             return self(prompts, completions)
-        eos = self.ensemble.tokenizer.eos_token_id
-        rows = []
-        for p, c in zip(prompt_ids, completion_ids):
-            row = list(p) + list(c)
-            if not c or c[-1] != eos:  # a completion cut by max_new_tokens: scored at an appended EOS, as encode_pairs
-                row.append(eos)
-            rows.append(row)
-        rows, _ = truncate_rows(rows, self.max_length, self.ensemble.truncation_side)  # encode_pairs' rule
+        # The rows `align.data.tokenize_pairs` makes from text: a completion cut by max_new_tokens is scored at an
+        # appended EOS, and a longer row keeps its last tokens.
+        tokenizer = self.ensemble.tokenizer
+        rows = [list(p) + finish_completion_ids(list(c), tokenizer) for p, c in zip(prompt_ids, completion_ids)]
+        rows, _ = truncate_left(rows, self.max_length)
         members, reward = self.ensemble.score_ids(rows, batch_size=self.batch_size)
         return RewardScores(members=members, reward=reward)
 
@@ -73,6 +71,6 @@ def check_tokenizers(base_tokenizer, ensemble_tokenizer, texts: list[str], *, wh
     if bad:
         example = texts[bad[0]][:80]
         raise AlignError(f"ensemble '{ensemble_dir}': its tokenizer does not match the base policy's: {len(bad)} of "
-                         f"{len(texts)} {what} contain words it maps to its unknown token {ensemble_tokenizer.unk_token!r} "
-                         f"(e.g. {example!r}); the rewards would be read from unknown tokens. Use an ensemble "
+                         f"{len(texts)} {what} contain words it maps to its unknown token "
+                         f"{ensemble_tokenizer.unk_token!r} (e.g. {example!r}); the rewards would be read from unknown tokens. Use an ensemble "
                          f"trained on text of this policy's vocabulary (align rm train with this base's tokenizer)")

@@ -2,7 +2,7 @@
 
 Input rows are `{"prompt": ..., "response": ...}`: text, or chat messages (`[{"role", "content"}, ...]`) for the
 prompt with a text or message-list response, rendered with the ensemble tokenizer's chat template
-(`reward_models.ensemble.encode_pairs`, the rule training used). Other fields are carried through unchanged. A
+(`align.data.tokenize_pairs`, the rule training used). Other fields are carried through unchanged. A
 `.jsonl` file is read line by line (each row's fields exactly as written); other sources go through
 `align.data.load_rows` (.json, .parquet, .csv, save_to_disk folders, Hub datasets).
 
@@ -23,7 +23,7 @@ import json
 import logging
 from pathlib import Path
 
-from align.data import check_messages, check_text, is_messages, load_rows
+from align.data import check_messages, check_text, is_messages, load_rows, tokenize_pairs, truncate_left
 from align.errors import AlignError, ConfigError, DataError
 from align.io import atomic_write_text
 
@@ -94,12 +94,8 @@ def score_file(ensemble_dir: str, input_path: str, output_path: str, *, batch_si
     the ensemble was trained on) cuts longer rows to their last tokens; how many were cut is logged as one warning.
     Every option, the output's folder, the rows and the manifest are checked before any weight is loaded.
     Returns `{"rows", "members", "aggregation", "normalized", "max_length", "truncated", "output"}`."""
-    from reward_models.ensemble import (
-        RewardEnsemble,
-        encode_pairs,
-        read_manifest,
-        truncate_rows,
-    )
+    from reward_models.ensemble import RewardEnsemble
+    from reward_models.manifest import read_manifest
 
     output = Path(output_path)
     if output.exists() and not overwrite:
@@ -125,9 +121,9 @@ def score_file(ensemble_dir: str, input_path: str, output_path: str, *, batch_si
     if chosen is not None:
         ensemble.set_aggregation(chosen)  # already checked against K above
     limit = max_length if max_length is not None else ensemble.max_length
-    ids = encode_pairs(ensemble.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], None,
-                       source=source)
-    ids, truncated = truncate_rows(ids, limit, ensemble.truncation_side)
+    ids = tokenize_pairs(ensemble.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows], None,
+                         source=source)
+    ids, truncated = truncate_left(ids, limit)
     if truncated:
         given = "--max-length" if max_length is not None else "the ensemble's trained max_length"
         logger.warning("%s: %d of %d rows are longer than %s (%d tokens) and were scored on their last %d tokens",

@@ -1,6 +1,6 @@
 """The `align rm train` recipe: preference pairs → K reward members → Bradley–Terry training → ensemble + report.
 
-Reads top to bottom, like `align/train.py`. Outputs under `training.output_dir`:
+Reads top to bottom, like `align/recipes/train.py`. Outputs under `training.output_dir`:
 
     ensemble/          the trained ensemble (`RewardEnsemble.save`: manifest.json + weights, written atomically;
                        the manifest records data.max_length, the longest row training saw, as scoring's default)
@@ -52,7 +52,8 @@ from align.modeling import load_tokenizer
 from align.trainer import disable_dropout
 from reward_models.config import RMConfig
 from reward_models.data import build_reward_dataset, inject_label_noise
-from reward_models.ensemble import RewardEnsemble, SeedsEnsemble, member_name
+from reward_models.ensemble import RewardEnsemble, SeedsEnsemble
+from reward_models.manifest import member_name
 from reward_models.trainer import RewardTrainer, pair_rewards, reward_metrics, rm_training_arguments
 
 logger = logging.getLogger("align.reward_models")
@@ -66,7 +67,7 @@ def train_reward_model(config: RMConfig) -> dict:
     from transformers import set_seed
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from align.train import check_output_dir, init_deepspeed_on_cpu
+    from align.runs import check_output_dir, init_deepspeed_on_cpu
 
     start = time.time()
     init_deepspeed_on_cpu(config.training)
@@ -101,7 +102,7 @@ def train_reward_model(config: RMConfig) -> dict:
         train_data.flip(flipped)
 
         ensemble = RewardEnsemble.build(config.ensemble.kind, config.model, config.ensemble.members,
-                                        seeds=config.member_seeds, aggregation={"method": method, **agg_params},
+                                        seeds=config.ensemble.seeds, aggregation={"method": method, **agg_params},
                                         lora=config.lora)
         # Saved in the manifest: scoring cuts rows as training did (data.py keeps a long row's last tokens).
         ensemble.set_tokenization(config.data.max_length, "left")
@@ -117,7 +118,7 @@ def train_reward_model(config: RMConfig) -> dict:
 
         runs = []
         if config.ensemble.kind == "seeds":
-            for k, seed in enumerate(config.member_seeds):
+            for k, seed in enumerate(config.ensemble.seeds):
                 # Member k alone: a one-member view sharing member k's module, so the loss, the reward read-out and the
                 # saved weights are the ensemble's own.
                 view = SeedsEnsemble([ensemble.members[k]], ensemble.tokenizer, seeds=[seed], aggregation=None,
@@ -142,7 +143,7 @@ def train_reward_model(config: RMConfig) -> dict:
     summary = {
         "kind": config.ensemble.kind,
         "num_members": config.ensemble.members,
-        "seeds": config.member_seeds,
+        "seeds": config.ensemble.seeds,
         "data_order": config.ensemble.data_order,
         "aggregation": ensemble.aggregation,
         "label_noise": {"fraction": config.loss.label_noise, "flipped": len(flipped), "pairs": len(train_data),
@@ -216,9 +217,9 @@ class OneTrackerRunPerMember(TrainerCallback):
 
 def _resume_points(config: RMConfig, args, output_dir: Path) -> list[str | None]:
     """The checkpoint each Trainer run resumes from (None: from scratch): one per member for kind seeds (each
-    member's newest complete one under member-k/), one for the joint run of the other kinds (`align.train`'s
-    `resume_point`: `latest` or a path)."""
-    from align.train import resume_point
+    member's newest complete one under member-k/), one for the joint run of the other kinds (`align.runs.resume_point`:
+    `latest` or a path)."""
+    from align.runs import resume_point
     from align.trainer import latest_checkpoint
 
     if config.ensemble.kind != "seeds":

@@ -245,7 +245,8 @@ def test_score_refuses_an_output_in_a_folder_that_does_not_exist(world, rows_fil
 
 
 def test_score_truncates_rows_longer_than_the_trained_length_and_says_so(world, capsys, tmp_path, caplog):
-    from reward_models.ensemble import RewardEnsemble, encode_pairs
+    from align.data import tokenize_pairs
+    from reward_models.ensemble import RewardEnsemble
 
     long_response = " ".join(["the movie was great ."] * 20)  # 100 words: longer than data.max_length 64
     rows = [{"prompt": "write a review of the movie .", "response": long_response},
@@ -260,7 +261,7 @@ def test_score_truncates_rows_longer_than_the_trained_length_and_says_so(world, 
     assert said == [(f"{path}: 1 of 2 rows are longer than the ensemble's trained max_length (64 tokens) and were "
                      "scored on their last 64 tokens")]
     ensemble = RewardEnsemble.load(world["ensemble"], device="cpu")
-    ids = encode_pairs(ensemble.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
+    ids = tokenize_pairs(ensemble.tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows])
     expected, _ = ensemble.score_ids([ids[0][-64:], ids[1]])
     scored = [json.loads(line) for line in output.read_text().splitlines()]
     for row, want in zip(scored, expected.tolist(), strict=True):

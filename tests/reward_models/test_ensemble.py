@@ -1,6 +1,7 @@
 """Reward-model ensembles: the three kinds, forward/score, gradients, save/load and its checks (METHODS §8)."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -8,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from align import toy_world
-from align.data import tokenize_preference_rows
-from align.errors import AlignError, ConfigError, DataError
+from align.data import tokenize_pairs
+from align.errors import AlignError, ConfigError
 from align.modeling import LoraSection, ModelConfig
 from reward_models import ENSEMBLE_KINDS, RewardEnsemble, load_ensemble
-from reward_models.ensemble import encode_pairs, pad_right
+from reward_models.manifest import sha256
+from reward_models.modeling import pad_right
 
 K = 3
 SEEDS = [11, 22, 33]
@@ -56,7 +58,19 @@ def toy_pairs(n=6, seed=3):
 
 
 def batch(ensemble, prompts, responses):
-    return pad_right(encode_pairs(ensemble.tokenizer, prompts, responses), ensemble.tokenizer.pad_token_id)
+    return pad_right(tokenize_pairs(ensemble.tokenizer, prompts, responses), ensemble.tokenizer.pad_token_id)
+
+
+def member_parameter_names(ensemble, k) -> set[str]:
+    """The trainable parameters member k's reward depends on, from the layout each kind documents: `members[k]`
+    (seeds), the shared model (multi_head: backbone and the whole head, of which member k owns row k), the parameters
+    named after adapter `member-k` (lora)."""
+    trainable = {n for n, p in ensemble.named_parameters() if p.requires_grad}
+    if ensemble.kind == "seeds":
+        return {n for n in trainable if n.startswith(f"members.{k}.")}
+    if ensemble.kind == "multi_head":
+        return trainable
+    return {n for n in trainable if re.search(rf"\.member-{k}(\.|$)", n)}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +90,10 @@ def saved(tmp_path_factory, model_config):
 # --- building -----------------------------------------------------------------------------------------------------
 
 
+def test_one_class_per_kind():
+    assert sorted(cls.kind for cls in RewardEnsemble.__subclasses__()) == sorted(ENSEMBLE_KINDS)
+
+
 @pytest.mark.parametrize("kind", ENSEMBLE_KINDS)
 def test_build_gives_k_distinct_heads(kind, model_config):
     ensemble = build(kind, model_config)
@@ -92,7 +110,7 @@ def test_build_gives_k_distinct_heads(kind, model_config):
     # Members disagree from the start.
     per_member, _ = ensemble.score(*toy_pairs())
     assert per_member.shape == (6, K) and len({tuple(per_member[:, k].tolist()) for k in range(K)}) == K
-    assert all(len(ensemble.members_parameters(k)) > 0 for k in range(K))
+    assert all(member_parameter_names(ensemble, k) for k in range(K))
     assert ensemble.tokenizer.pad_token_id is not None
     for model in ensemble._pretrained_models():
         assert model.config.pad_token_id == ensemble.tokenizer.pad_token_id
@@ -105,8 +123,9 @@ def test_lora_adapters_distinct_and_base_frozen(model_config):
     assert not torch.equal(lora_a[0], lora_a[1]) and not torch.equal(lora_a[1], lora_a[2])
     trainable = {n for n, p in ensemble.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n or ".modules_to_save." in n for n in trainable)
-    per_member = [set(map(id, ensemble.members_parameters(k))) for k in range(K)]
-    assert sum(len(s) for s in per_member) == len(trainable) and not (per_member[0] & per_member[1])
+    # Every trainable parameter belongs to exactly one member's adapter.
+    per_member = [member_parameter_names(ensemble, k) for k in range(K)]
+    assert set().union(*per_member) == trainable and sum(len(s) for s in per_member) == len(trainable)
 
 
 def test_single_member(model_config):
@@ -187,14 +206,14 @@ def test_gradients_reach_only_member_k(kind, model_config):
     for k in range(K):
         ensemble.zero_grad(set_to_none=True)
         ensemble(*inputs)[:, k].sum().backward()
-        own = {id(p) for p in ensemble.members_parameters(k)}
+        own = member_parameter_names(ensemble, k)
         for name, p in ensemble.named_parameters():
             grad = p.grad
             if kind == "multi_head" and name.endswith("score.weight"):
                 # The shared head: member k's reward reaches row k only.
                 assert grad[k].abs().sum() > 0
                 assert torch.all(grad[torch.arange(K) != k] == 0)
-            elif id(p) in own:
+            elif name in own:
                 assert grad is not None and grad.abs().sum() > 0, name
             else:
                 assert grad is None or torch.all(grad == 0), name
@@ -204,8 +223,10 @@ def test_gradients_reach_only_member_k(kind, model_config):
 
 def test_lora_refuses_activation_checkpointing(model_config):
     ensemble = build("lora", model_config, k=2)
-    with pytest.raises(ConfigError, match="activation checkpointing is not available for a LoRA ensemble"):
+    with pytest.raises(ConfigError, match="^activation checkpointing: not available for a LoRA ensemble with more "
+                                          "than one member"):
         ensemble.gradient_checkpointing_enable()
+    build("lora", model_config, k=1).gradient_checkpointing_enable()  # one adapter: nothing to mix up
 
 
 @pytest.mark.parametrize("kind", ENSEMBLE_KINDS)
@@ -238,45 +259,6 @@ def test_score_normalisation(model_config):
     assert torch.equal(ensemble.score(prompts, responses, normalize=False)[0], raw)
     with pytest.raises(AlignError, match="needs 3 means and stds"):
         ensemble.set_normalization([0.0], [1.0])
-
-
-# --- tokenization -------------------------------------------------------------------------------------------------
-
-
-def test_encode_pairs_matches_dpo_tokenization(toy_tokenizer):
-    rows = toy_world.make_preference_rows(5, seed=9)
-    dataset, _ = tokenize_preference_rows(rows, toy_tokenizer, max_length=None, max_prompt_length=None)
-    ids = encode_pairs(toy_tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows])
-    for i in range(5):
-        item = dataset[i]
-        assert ids[i] == item["prompt_input_ids"] + item["chosen_input_ids"]
-        assert ids[i][0] == toy_tokenizer.bos_token_id and ids[i][-1] == toy_tokenizer.eos_token_id
-    # An explicit EOS is not doubled; max_length keeps the end (where the reward is read).
-    eos = toy_tokenizer.eos_token
-    assert encode_pairs(toy_tokenizer, ["describe it ."], [" great " + eos]) == encode_pairs(
-        toy_tokenizer, ["describe it ."], [" great"])
-    full = encode_pairs(toy_tokenizer, ["describe the movie ."], [" it was great ."])[0]
-    assert encode_pairs(toy_tokenizer, ["describe the movie ."], [" it was great ."], max_length=4)[0] == full[-4:]
-    assert encode_pairs(toy_tokenizer, [""], [""])[0] == [toy_tokenizer.bos_token_id, toy_tokenizer.eos_token_id]
-
-
-def test_encode_pairs_conversational(toy_tokenizer):
-    prompt = [{"role": "user", "content": "describe the movie ."}]
-    ids = encode_pairs(toy_tokenizer, [prompt], ["it was great ."])[0]
-    text = toy_tokenizer.decode(ids)
-    assert text.startswith("<user> describe the movie . <assistant> it was great .") and text.endswith("<eos>")
-    assert ids == encode_pairs(toy_tokenizer, [prompt], [[{"role": "assistant", "content": "it was great ."}]])[0]
-
-
-@pytest.mark.parametrize("prompts, responses, match", [
-    (["a"], ["b", "c"], r"1 prompts but 2 responses"),
-    ([3], ["b"], r"row 1: field 'prompt': must be a string or a list of chat messages"),
-    (["a"], [None], r"row 1: field 'response': must be a string when the prompt is a string"),
-    ([[{"role": "robot", "content": "hi"}]], ["b"], r"row 1: field 'prompt\[0\].role': unknown chat role"),
-])
-def test_encode_pairs_errors(toy_tokenizer, prompts, responses, match):
-    with pytest.raises(DataError, match=match):
-        encode_pairs(toy_tokenizer, prompts, responses)
 
 
 # --- saving and loading -------------------------------------------------------------------------------------------
@@ -342,10 +324,9 @@ def _mutations(model_config):
         build("multi_head", model_config, k=2).model.save_pretrained(d / "model")
 
         def update(m):
-            from reward_models.ensemble import _sha256
             for rel in list(m["files"]):
                 if rel.startswith("model/"):
-                    m["files"][rel] = {"sha256": _sha256(d / rel), "bytes": (d / rel).stat().st_size}
+                    m["files"][rel] = {"sha256": sha256(d / rel), "bytes": (d / rel).stat().st_size}
         _rewrite_manifest(d, update)
 
     def no_base(d):
@@ -406,8 +387,8 @@ def test_training_raises_accuracy(kind, lr, steps, model_config):
     ensemble = build(kind, model_config)
     n = len(rows)
     input_ids, attention_mask = pad_right(
-        encode_pairs(ensemble.tokenizer, [r["prompt"] for r in rows] * 2,
-                     [r["chosen"] for r in rows] + [r["rejected"] for r in rows]),
+        tokenize_pairs(ensemble.tokenizer, [r["prompt"] for r in rows] * 2,
+                       [r["chosen"] for r in rows] + [r["rejected"] for r in rows]),
         ensemble.tokenizer.pad_token_id)
 
     def accuracy():

@@ -12,7 +12,8 @@ import torch
 from align import toy_world
 from align.errors import AlignError
 from align.modeling import ModelConfig
-from reward_models import RewardEnsemble, encode_pairs, load_ensemble
+from align.data import tokenize_pairs
+from reward_models import RewardEnsemble, load_ensemble
 from reward_models.reward import EnsembleReward
 
 MAX_LENGTH = 12
@@ -57,7 +58,7 @@ def test_tokenization_round_trips_and_long_rows_score_as_their_truncated_form(sa
     ensemble = load_ensemble(saved, device="cpu")
     assert ensemble.max_length == MAX_LENGTH and ensemble.truncation_side == "left"
 
-    ids = encode_pairs(ensemble.tokenizer, [LONG_PROMPT], [LONG_RESPONSE])[0]
+    ids = tokenize_pairs(ensemble.tokenizer, [LONG_PROMPT], [LONG_RESPONSE])[0]
     assert len(ids) > MAX_LENGTH + 10
     by_default = ensemble.score([LONG_PROMPT], [LONG_RESPONSE])
     truncated = ensemble.score_ids([ids[-MAX_LENGTH:]])
@@ -71,7 +72,7 @@ def test_tokenization_round_trips_and_long_rows_score_as_their_truncated_form(sa
     reward = EnsembleReward(ensemble, policy_tokenizer=ensemble.tokenizer)
     assert reward.max_length == MAX_LENGTH
     assert torch.equal(reward([LONG_PROMPT], [LONG_RESPONSE]).members, truncated[0])
-    split = len(encode_pairs(ensemble.tokenizer, [LONG_PROMPT], [""])[0]) - 1  # the prompt's ids (without EOS)
+    split = len(tokenize_pairs(ensemble.tokenizer, [LONG_PROMPT], [""])[0]) - 1  # the prompt's ids (without EOS)
     assert torch.equal(reward.score_tokens([ids[:split]], [ids[split:]], None, None).members, truncated[0])
     assert EnsembleReward(ensemble, max_length=len(ids)).max_length == len(ids)
 
@@ -81,7 +82,7 @@ def test_an_old_manifest_without_the_keys_loads_without_truncation(saved, tmp_pa
     rewrite_manifest(directory, lambda m: (m.pop("max_length"), m.pop("truncation_side")))
     ensemble = load_ensemble(directory, device="cpu")
     assert ensemble.max_length is None and ensemble.truncation_side == "left"
-    ids = encode_pairs(ensemble.tokenizer, [LONG_PROMPT], [LONG_RESPONSE])[0]
+    ids = tokenize_pairs(ensemble.tokenizer, [LONG_PROMPT], [LONG_RESPONSE])[0]
     assert torch.equal(ensemble.score([LONG_PROMPT], [LONG_RESPONSE])[0], ensemble.score_ids([ids])[0])
 
 
@@ -105,12 +106,10 @@ def _no_reading(monkeypatch):
     """Any attempt to load a model or a tokenizer from the directory fails the test (not with an AlignError)."""
     import transformers
 
-    import reward_models.ensemble as ensemble_module
-
     def refuse(*args, **kwargs):
         raise AssertionError("a weight or tokenizer file was read before the manifest checks failed")
 
-    monkeypatch.setattr(ensemble_module, "_load_seq_cls", refuse)
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", refuse)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
 
 

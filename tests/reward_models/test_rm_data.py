@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from align import toy_world
-from align.data import DataConfig
+from align.data import DataConfig, tokenize_pairs
 from align.errors import DataError
 from reward_models.data import RewardCollator, build_reward_dataset, inject_label_noise, tokenize_reward_pairs
-from reward_models.ensemble import encode_pairs
 
 
 def _write_jsonl(path, rows):
@@ -66,8 +65,8 @@ def test_rows_are_the_scoring_tokens(toy_tokenizer):
     rows = toy_world.make_preference_rows(10, seed=2)
     pairs, report = tokenize_reward_pairs(rows, toy_tokenizer, max_length=None)
     prompts = [r["prompt"] for r in rows]
-    assert pairs.chosen_input_ids == encode_pairs(toy_tokenizer, prompts, [r["chosen"] for r in rows])
-    assert pairs.rejected_input_ids == encode_pairs(toy_tokenizer, prompts, [r["rejected"] for r in rows])
+    assert pairs.chosen_input_ids == tokenize_pairs(toy_tokenizer, prompts, [r["chosen"] for r in rows])
+    assert pairs.rejected_input_ids == tokenize_pairs(toy_tokenizer, prompts, [r["rejected"] for r in rows])
     first = toy_tokenizer.convert_ids_to_tokens(pairs.chosen_input_ids[0])
     assert first[0] == "<bos>" and first[-1] == "<eos>"  # BOS before the prompt, EOS where the reward is read
     assert report.rows == report.kept == 10 and not report.changed
@@ -77,9 +76,9 @@ def test_truncation_is_the_scoring_rule_and_is_counted(toy_tokenizer):
     rows = toy_world.make_preference_rows(20, seed=3)
     pairs, report = tokenize_reward_pairs(rows, toy_tokenizer, max_length=12)
     prompts = [r["prompt"] for r in rows]
-    assert pairs.chosen_input_ids == encode_pairs(toy_tokenizer, prompts, [r["chosen"] for r in rows], 12)
-    assert pairs.rejected_input_ids == encode_pairs(toy_tokenizer, prompts, [r["rejected"] for r in rows], 12)
-    full = encode_pairs(toy_tokenizer, prompts, [r["chosen"] for r in rows])
+    assert pairs.chosen_input_ids == tokenize_pairs(toy_tokenizer, prompts, [r["chosen"] for r in rows], 12)
+    assert pairs.rejected_input_ids == tokenize_pairs(toy_tokenizer, prompts, [r["rejected"] for r in rows], 12)
+    full = tokenize_pairs(toy_tokenizer, prompts, [r["chosen"] for r in rows])
     assert report.chosen_truncated == sum(len(ids) > 12 for ids in full) > 0
     assert all(ids[-1] == toy_tokenizer.eos_token_id for ids in pairs.chosen_input_ids)  # the end is kept
 
@@ -101,7 +100,7 @@ def test_conversational_rows_use_the_chat_template(toy_tokenizer):
     pairs, _ = tokenize_reward_pairs(rows, toy_tokenizer, max_length=None)
     tokens = toy_tokenizer.convert_ids_to_tokens(pairs.chosen_input_ids[0])
     assert tokens[0] == "<user>" and "<assistant>" in tokens and tokens[-1] == "<eos>"
-    assert pairs.chosen_input_ids == encode_pairs(toy_tokenizer, [r["prompt"] for r in rows],
+    assert pairs.chosen_input_ids == tokenize_pairs(toy_tokenizer, [r["prompt"] for r in rows],
                                                   [r["chosen"] for r in rows])
 
 
