@@ -29,7 +29,7 @@ from align.config import load_recipe, training_arguments_kwargs
 from align.data import DataConfig
 from align.errors import ConfigError
 from align.modeling import LoraSection, ModelConfig
-from align.schema import from_dict
+from align.schema import ConfigKeyError, from_dict
 from reward_models.ensemble import check_activation_checkpointing
 from reward_models.manifest import ENSEMBLE_KINDS
 
@@ -156,6 +156,9 @@ class RMConfig:
                 "training.resume_from_checkpoint=latest is always allowed into a run without an ensemble/)."})
 
     def __post_init__(self):
+        if self.model.lora is not None:
+            raise ConfigKeyError(("model", "lora"), "not used by reward models; for LoRA members set ensemble.kind: "
+                                                    "lora and the adapter in the top-level `lora:` section")
         if self.lora is not None and self.ensemble.kind != "lora":
             raise ConfigError(f"lora: only used by ensemble.kind lora (this recipe's kind is {self.ensemble.kind})")
         if self.ensemble.kind == "lora" and self.lora is None:
@@ -196,12 +199,6 @@ def load_rm_config(path: str | Path | None, overrides: list[str] = (), base: dic
 
 
 def validate_rm_config(raw: dict) -> RMConfig:
-    model = raw.get("model")
-    # Checked on the raw section: from_dict would first validate the unused LoraSection, and an RMConfig is only
-    # ever built here.
-    if isinstance(model, dict) and model.get("lora") is not None:
-        raise ConfigError("model.lora: not used by reward models; for LoRA members set ensemble.kind: lora and the "
-                          "adapter in the top-level `lora:` section")
     data = raw.get("data")
     if isinstance(data, dict) and data.get("max_prompt_length") is not None:
         raise ConfigError("data.max_prompt_length: not used by reward models (a row longer than data.max_length keeps "
