@@ -28,8 +28,9 @@ What is compared
   to `OnPolicyTrainer` by wrapping its `__init__`, nothing else changes) timestamps every optimizer step; after
   `--warmup` steps the next `--steps` steps give steps/s and samples/s (completions: 32 per step), everything a step
   does included (sampling, reward, reference and policy forwards, backward, optimizer, logging every step on both).
-  Runs alternate between the frameworks; the fastest of `--repeats` counts, and the spread (fastest/slowest - 1) is
-  printed. The policies drift apart from the first update, and so do their completion lengths: the mean completion
+  Runs rotate between the frameworks (`common.interleaved`); every run is kept. The tables give the median over
+  `--repeats` of samples/s and of each ratio to TRL (repeat i's align over repeat i's TRL, run back to back) with
+  min, max and spread (max − min) / median; the fastest run of each framework is kept as `best`. The policies drift apart from the first update, and so do their completion lengths: the mean completion
   length over the timed steps (each framework's own per-step log) is printed beside samples/s, with tokens/s.
 - Memory: peak RSS of the worker process (VmHWM) at the end of the timed window. Both workers import the same
   libraries (torch, transformers, datasets, trl, align) before anything else, so the RSS baseline is alike.
@@ -54,20 +55,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "onpolicy_vs_trl.json"
+import common
+
+REPO_ROOT = common.REPO_ROOT
 RECIPE = REPO_ROOT / "configs" / "fdpg-toy.yaml"
 #: align: one optimizer step per sampling call (as TRL's default); align_k: `generation.steps_per_generation = K`
 #: (`--steps-per-generation`, default 4): one call samples for K steps, the later K-1 corrected by importance weights.
@@ -102,73 +101,25 @@ LOGGED_METRICS = {
 # Worker pieces
 
 
-def _proc_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+def _record_settings(timer, args, model) -> None:
+    """At the start of training: the settings the trainer really runs with (checked equal on both sides)."""
+    from align.config import installed_training_key
 
-
-def _peak_rss_mib() -> float:
-    """Peak RSS of this process so far (VmHWM; getrusage where /proc is missing), MiB."""
-    kb = _proc_status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024
-
-
-def _step_timer(warmup: int, steps: int):
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        """Timestamps (wall and process CPU) the end of every optimizer step; records the peak RSS at the end of the
-        timed window and the settings the trainer actually runs with."""
-
-        def __init__(self):
-            self.ends: list[tuple[float, float]] = []
-            self.peak_rss_window_mib = None
-            self.settings: dict = {}
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            from align.config import installed_training_key
-
-            checkpointing = installed_training_key("activation_checkpointing")
-            dropouts = [m.p for m in model.modules() if type(m).__name__ == "Dropout"] if model is not None else []
-            config_dropouts = {k: v for k, v in model.config.to_dict().items() if "dropout" in k and v}
-            self.settings = {
-                "bf16": bool(args.bf16), "fp16": bool(args.fp16),
-                "activation_checkpointing": bool(getattr(args, checkpointing)),
-                "gradient_checkpointing_active": bool(getattr(model, "is_gradient_checkpointing", False)),
-                "model_dtype": str(model.dtype), "attn_implementation": model.config._attn_implementation,
-                "optim": str(getattr(args.optim, "value", args.optim)), "learning_rate": args.learning_rate,
-                "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-                "max_grad_norm": args.max_grad_norm, "weight_decay": args.weight_decay,
-                "per_device_train_batch_size": args.per_device_train_batch_size,
-                "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
-                "max_dropout": max(dropouts + list(config_dropouts.values()), default=0.0),
-            }
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append((time.perf_counter(), time.process_time()))
-            if len(self.ends) == warmup + steps:
-                self.peak_rss_window_mib = _peak_rss_mib()
-
-        def summary(self) -> dict:
-            if len(self.ends) < warmup + steps:
-                raise RuntimeError(f"only {len(self.ends)} optimizer steps ran, expected {warmup + steps}")
-            timed = self.ends[warmup - 1:warmup + steps]  # the end of the last warm-up step opens the window
-            durations = [b[0] - a[0] for a, b in itertools.pairwise(timed)]
-            wall = timed[-1][0] - timed[0][0]
-            completions = PROMPTS_PER_STEP * SAMPLES_PER_PROMPT
-            return {"timed_steps": steps, "timed_wall_s": wall, "steps_per_s": steps / wall,
-                    "samples_per_s": steps * completions / wall,
-                    "step_s_median": sorted(durations)[len(durations) // 2],
-                    "cpu_s_per_step": (timed[-1][1] - timed[0][1]) / steps, "step_s": durations,
-                    "peak_rss_mib": self.peak_rss_window_mib}
-
-    return StepTimer()
+    checkpointing = installed_training_key("activation_checkpointing")
+    dropouts = [m.p for m in model.modules() if type(m).__name__ == "Dropout"] if model is not None else []
+    config_dropouts = {k: v for k, v in model.config.to_dict().items() if "dropout" in k and v}
+    timer.settings = {
+        "bf16": bool(args.bf16), "fp16": bool(args.fp16),
+        "activation_checkpointing": bool(getattr(args, checkpointing)),
+        "gradient_checkpointing_active": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "model_dtype": str(model.dtype), "attn_implementation": model.config._attn_implementation,
+        "optim": str(getattr(args.optim, "value", args.optim)), "learning_rate": args.learning_rate,
+        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "max_grad_norm": args.max_grad_norm, "weight_decay": args.weight_decay,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps, "seed": args.seed,
+        "max_dropout": max(dropouts + list(config_dropouts.values()), default=0.0),
+    }
 
 
 def _curve(log_history: list[dict], framework: str) -> list[dict]:
@@ -183,14 +134,6 @@ def _window_stats(curve: list[dict], first: int, last: int) -> dict:
     rows = [r for r in curve if first <= r["step"] <= last]
     return {k: sum(r[k] for r in rows) / len(rows) if rows and all(r[k] is not None for r in rows) else None
             for k in ("gold", "kl", "length")}
-
-
-def source_digest() -> str:
-    """sha256 of align/**/*.py: the align code a run used (the working tree may change while the bench runs)."""
-    h = hashlib.sha256()
-    for path in sorted((REPO_ROOT / "align").rglob("*.py")):
-        h.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def _ids_digest(ids: list[list[int]]) -> str:
@@ -236,7 +179,7 @@ def _run_align(spec: dict, sft_dir: str, output_dir: str, max_steps: int, timer,
     from align.modeling import load_tokenizer
     from align.onpolicy_trainer import OnPolicyTrainer
     from align.prompts import load_prompts
-    from align.train import train
+    from align.recipes.train import train
 
     overrides = [
         f"model.name_or_path={sft_dir}", "model.dtype=float32",
@@ -313,7 +256,7 @@ def _run_trl(spec: dict, sft_dir: str, output_dir: str, max_steps: int, timer) -
 
 
 def run_worker(framework: str, spec: dict, sft_dir: str, result_path: str, quality: bool) -> None:
-    digest = source_digest()  # before align is imported
+    digest = common.source_digest()  # before align is imported
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -324,11 +267,11 @@ def run_worker(framework: str, spec: dict, sft_dir: str, result_path: str, quali
     import trl  # noqa: F401
     from trl import RLOOTrainer  # noqa: F401
 
-    import align.train
-    import align.train_on_policy  # noqa: F401
+    import align.recipes.train
+    import align.recipes.train_on_policy  # noqa: F401
 
-    rss_baseline = (_proc_status_kb("VmRSS") or 0) / 1024
-    timer = _step_timer(spec["warmup"], spec["steps"])
+    rss_baseline = common.status_mib("VmRSS")
+    timer = common.step_timer(spec["warmup"], spec["steps"], on_train_begin=_record_settings)
     max_steps = spec["quality_steps"] if quality else spec["warmup"] + spec["steps"]  # quality_steps >= the latter
     output_dir = tempfile.mkdtemp(prefix=f"bench-onpolicy-{framework}-")
     try:
@@ -340,12 +283,14 @@ def run_worker(framework: str, spec: dict, sft_dir: str, result_path: str, quali
             final_dir, info = _run_align(spec, sft_dir, output_dir, max_steps, timer, steps_per_generation=k)
         train_wall = time.perf_counter() - start
         timed = timer.summary()
+        timed.update(samples_per_s=timed["steps_per_s"] * PROMPTS_PER_STEP * SAMPLES_PER_PROMPT,
+                     peak_rss_mib=timer.peak_rss_window_mib)
         window = _window_stats(info["curve"], spec["warmup"] + 1, spec["warmup"] + spec["steps"])
         last = _window_stats(info["curve"], len(timer.ends) - 9, len(timer.ends))
         result = {"framework": framework, **timed, "timed_window_logged": window, "last_10_steps_logged": last,
                   "completion_tokens_timed": window["length"],
                   "tokens_per_s": timed["samples_per_s"] * window["length"] if window["length"] else None,
-                  "align_source_digest": digest, "peak_rss_run_mib": _peak_rss_mib(),
+                  "align_source_digest": digest, "peak_rss_run_mib": common.peak_rss_mib(),
                   "rss_baseline_mib": rss_baseline, "optimizer_steps": len(timer.ends), "run_wall_s": train_wall,
                   "threads": torch.get_num_threads(), "settings_used": timer.settings, **info}
         if quality:
@@ -360,12 +305,11 @@ def prepare(model_name: str, spec: dict, work: Path) -> dict:
     """Builds the base model and its SFT (`quickstart.train_toy_sft`; skipped by --quick), measures the SFT model."""
     import torch
 
-    from align import toy_world
-    from align.quickstart import train_toy_sft
+    from align.recipes.quickstart import train_toy_sft
 
     torch.set_num_threads(spec["threads"])
     base, sft = work / "base", work / "sft"
-    toy_world.save_base_model(base, seed=spec["seed"], **MODELS[model_name])
+    common.save_tiny_model(base, seed=spec["seed"], **MODELS[model_name])
     t0 = time.perf_counter()
     if spec["sft"]:
         train_toy_sft(base, sft, seed=spec["seed"])
@@ -382,30 +326,18 @@ def prepare(model_name: str, spec: dict, work: Path) -> dict:
 # Driver
 
 
-def _run_subprocess(argv: list[str], what: str, threads: int) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           # Spinning OpenMP waits collapse on shared cores (bench/dpo_vs_trl.py); set it yourself to override.
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], env=env, cwd=REPO_ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-6000:])
-        raise SystemExit(f"{what} failed (exit {proc.returncode})")
-
-
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: toy model without SFT, 3 steps, 1 repeat")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="model sizes (default: preset)")
     full, quick = PRESETS["full"], PRESETS["quick"]
+    parser = common.bench_parser(__doc__, "onpolicy_vs_trl", threads=1,
+                                 threads_help="torch / OpenMP threads in every worker (1: these models are too small "
+                                              "to gain from more, and the cores are shared)",
+                                 repeats_help=f"runs per (model, framework), in rotating order (default: "
+                                              f"{full['repeats']}; quick: {quick['repeats']})")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="model sizes (default: preset)")
     parser.add_argument("--steps", type=int, help=f"timed optimizer steps per run (default: {full['steps']}; quick: "
                         f"{quick['steps']})")
     parser.add_argument("--warmup", type=int, help=f"untimed steps before them (default: {full['warmup']}; quick: "
@@ -413,17 +345,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-steps", type=int,
                         help="optimizer steps of the first repeat, after which gold reward and KL are measured "
                              f"(default: {full['quality_steps']}; quick: {quick['quality_steps']})")
-    parser.add_argument("--repeats", type=int, help="runs per (model, framework), alternating the order; the fastest "
-                        f"counts (default: {full['repeats']}; quick: {quick['repeats']})")
     parser.add_argument("--sft", action=argparse.BooleanOptionalAction, default=None,
                         help="SFT the base models first (quickstart.train_toy_sft; default: yes; quick: no)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch / OpenMP threads in every worker (default 1: these models are too small to gain "
-                             "from more, and the cores are shared)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps-per-generation", type=int, default=4,
                         help="K of the align_k variant (generation.steps_per_generation; default 4)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results (written atomically)")
     # Internal: the driver re-invokes this script once per prepared model and per (model, framework, repeat).
     parser.add_argument("--worker", choices=(*FRAMEWORKS, "prepare"), help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
@@ -441,12 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         run_worker(args.worker, json.loads(args.spec), args.dir, args.result, args.quality)
         return 0
 
-    from align.io import atomic_write_json
-
-    preset = dict(PRESETS["quick" if args.quick else "full"])
-    for key in ("models", "steps", "warmup", "quality_steps", "repeats", "sft"):
-        if getattr(args, key) is not None:
-            preset[key] = getattr(args, key)
+    preset = common.apply_overrides(PRESETS["quick" if args.quick else "full"], args,
+                                    ("models", "steps", "warmup", "quality_steps", "repeats", "sft"))
     spec = {**preset, "threads": args.threads, "seed": args.seed, "quick": args.quick,
             "steps_per_generation": args.steps_per_generation}
     if spec["warmup"] < 1 or spec["steps"] < 1 or spec["repeats"] < 1:
@@ -455,12 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     spec_json = json.dumps(spec)
 
     started = time.time()
-    head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=False).stdout.strip() or None
-    digest_start = source_digest()
+    machine = common.machine()
+    digest_start = machine["align_source_digest"]
     work = Path(tempfile.mkdtemp(prefix="bench-onpolicy-vs-trl-"))
     results: dict = {
-        "align_git_head": head, "align_source_digest": digest_start,
+        "align_git_head": machine["align_git_head"], "align_source_digest": digest_start, "machine": machine,
         "spec": {**spec, "prompts_per_step": PROMPTS_PER_STEP, "samples_per_prompt": SAMPLES_PER_PROMPT,
                  "completions_per_step": PROMPTS_PER_STEP * SAMPLES_PER_PROMPT, "max_new_tokens": MAX_NEW_TOKENS,
                  "temperature": 1.0, "learning_rate": LEARNING_RATE, "lr_scheduler_type": "constant", "beta": BETA,
@@ -472,8 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                  "train_prompts": {"toy_world": TRAIN_PROMPTS, "seed": TRAIN_PROMPTS_SEED},
                  "eval": {"prompts": spec["eval_prompts"], "prompts_seed": EVAL_PROMPTS_SEED,
                           "samples_per_prompt": EVAL_SAMPLES, "sampling_seed": EVAL_SAMPLING_SEED},
-                 "align_recipe": str(RECIPE.relative_to(REPO_ROOT)),
-                 "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "cpu_count": os.cpu_count()},
+                 "align_recipe": str(RECIPE.relative_to(REPO_ROOT))},
         "logged_metric_definitions": LOGGED_METRICS,
         "notes": [
             ("TRL's RLOO puts beta * (sequence log-ratio to the reference) into the reward and uses a leave-one-out "
@@ -497,56 +416,60 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{', '.join(spec['models'])}; {PROMPTS_PER_STEP} prompts x {SAMPLES_PER_PROMPT} samples x "
           f"{MAX_NEW_TOKENS} new tokens per step; fp32, {spec['threads']} thread(s); {spec['warmup']} warm-up + "
-          f"{spec['steps']} timed steps, best of {spec['repeats']} (alternating); gold/KL after "
+          f"{spec['steps']} timed steps, {spec['repeats']} repeat(s) in rotating order; gold/KL after "
           f"{spec['quality_steps']} steps (load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
           flush=True)
     try:
         for model_name in spec["models"]:
             model_work = work / model_name
             t0 = time.time()
-            _run_subprocess(["--worker", "prepare", "--model", model_name, "--spec", spec_json, "--dir",
-                             str(model_work), "--result", str(work / f"{model_name}-prepare.json")],
-                            f"{model_name}: model build / SFT", spec["threads"])
+            common.run_script(__file__, ["--worker", "prepare", "--model", model_name, "--spec", spec_json, "--dir",
+                                         str(model_work), "--result", str(work / f"{model_name}-prepare.json")],
+                              f"{model_name}: model build / SFT", common.worker_env(spec["threads"]))
             prepared = json.loads((work / f"{model_name}-prepare.json").read_text())
             sft_m = prepared["sft_measure"]
             print(f"  {model_name}: {prepared['parameters'] / 1e6:.2f}M parameters; "
                   f"{'SFT' if spec['sft'] else 'no SFT'} in {prepared['sft_s']:.0f}s ({time.time() - t0:.0f}s in "
                   f"all); SFT policy: gold {sft_m['gold']:+.3f}, length {sft_m['length']:.1f} tokens, "
                   f"{100 * sft_m['finished']:.0f}% finished", flush=True)
-            runs: dict[str, list[dict]] = {fw: [] for fw in FRAMEWORKS}
-            for rep in range(spec["repeats"]):
-                for framework in (FRAMEWORKS if rep % 2 == 0 else FRAMEWORKS[::-1]):
-                    result_path = work / f"{model_name}-{framework}-{rep}.json"
-                    t0, load0 = time.time(), os.getloadavg()[0]
-                    _run_subprocess(["--worker", framework, "--spec", spec_json, "--dir", prepared["sft_dir"],
-                                     "--result", str(result_path), *(["--quality"] if rep == 0 else [])],
-                                    f"{model_name} / {framework}", spec["threads"])
-                    run = json.loads(result_path.read_text())
-                    run.update(repeat=rep, process_wall_s=time.time() - t0, loadavg_start=load0,
-                               loadavg_end=os.getloadavg()[0])
-                    runs[framework].append(run)
-                    q = run.get("quality")
-                    print(f"    {framework:5} run {rep + 1}: {run['samples_per_s']:.1f} samples/s "
-                          f"({run['steps_per_s']:.3f} steps/s, {_fmt(run['completion_tokens_timed'], '.1f')} "
-                          f"tokens/completion), peak RSS {run['peak_rss_mib']:.0f} MiB"
-                          + (f"; after {run['optimizer_steps']} steps gold {q['gold']:+.3f}, KL {q['kl']:.3f}"
-                             if q else "")
-                          + f" ({run['process_wall_s']:.0f}s, load {load0:.1f}->{run['loadavg_end']:.1f})",
-                          flush=True)
+
+            def run_one(framework: str, rep: int) -> dict:
+                result_path = work / f"{model_name}-{framework}-{rep}.json"
+                t0, load0 = time.time(), os.getloadavg()[0]
+                common.run_script(__file__, ["--worker", framework, "--spec", spec_json, "--dir", prepared["sft_dir"],
+                                             "--result", str(result_path), *(["--quality"] if rep == 0 else [])],
+                                  f"{model_name} / {framework}", common.worker_env(spec["threads"]))
+                run = json.loads(result_path.read_text())
+                run.update(repeat=rep, process_wall_s=time.time() - t0, loadavg_start=load0,
+                           loadavg_end=os.getloadavg()[0])
+                q = run.get("quality")
+                print(f"    {framework:5} run {rep + 1}: {run['samples_per_s']:.1f} samples/s "
+                      f"({run['steps_per_s']:.3f} steps/s, {_fmt(run['completion_tokens_timed'], '.1f')} "
+                      f"tokens/completion), peak RSS {run['peak_rss_mib']:.0f} MiB"
+                      + (f"; after {run['optimizer_steps']} steps gold {q['gold']:+.3f}, KL {q['kl']:.3f}"
+                         if q else "")
+                      + f" ({run['process_wall_s']:.0f}s, load {load0:.1f}->{run['loadavg_end']:.1f})",
+                      flush=True)
+                return run
+
+            runs = common.interleaved(FRAMEWORKS, spec["repeats"], run_one)
             digests = {r["prompt_ids_digest"] for rs in runs.values() for r in rs}
-            best = {fw: max(rs, key=lambda r: r["samples_per_s"]) for fw, rs in runs.items()}
+            best = {fw: common.best_of(rs, "samples_per_s") for fw, rs in runs.items()}
             quality = {fw: rs[0]["quality"] for fw, rs in runs.items()}
-            spread = {fw: max(r["samples_per_s"] for r in rs) / min(r["samples_per_s"] for r in rs) - 1
-                      for fw, rs in runs.items()}
+            samples_per_s = {fw: common.spread(r["samples_per_s"] for r in rs) for fw, rs in runs.items()}
+            for rs in runs.values():
+                for r in rs:
+                    r["peak_rss_increase_mib"] = r["peak_rss_mib"] - r["rss_baseline_mib"]
             a, t = best["align"], best["trl"]
-            ratios = {fw: {"samples_per_s": b["samples_per_s"] / t["samples_per_s"],
-                           "tokens_per_s": b["tokens_per_s"] / t["tokens_per_s"]
-                           if b["tokens_per_s"] and t["tokens_per_s"] else None,
-                           "peak_rss": b["peak_rss_mib"] / t["peak_rss_mib"],
-                           "peak_rss_increase": (b["peak_rss_mib"] - b["rss_baseline_mib"])
-                           / (t["peak_rss_mib"] - t["rss_baseline_mib"]),
-                           "cpu_s_per_step": b["cpu_s_per_step"] / t["cpu_s_per_step"]}
-                      for fw, b in best.items() if fw != "trl"}
+            # Ratios to TRL per repeat (the frameworks of one repeat ran back to back): median, min, max, spread.
+            ratios = {fw: {"samples_per_s": common.paired_ratios(runs[fw], runs["trl"], "samples_per_s"),
+                           "tokens_per_s": common.paired_ratios(runs[fw], runs["trl"], "tokens_per_s")
+                           if all(r["tokens_per_s"] for r in runs[fw] + runs["trl"]) else None,
+                           "peak_rss": common.paired_ratios(runs[fw], runs["trl"], "peak_rss_mib"),
+                           "peak_rss_increase": common.paired_ratios(runs[fw], runs["trl"], "peak_rss_increase_mib"),
+                           "cpu_s_per_step": common.paired_ratios(runs[fw], runs["trl"], "cpu_s_per_step"),
+                           "best_of_k_samples_per_s": best[fw]["samples_per_s"] / t["samples_per_s"]}
+                      for fw in FRAMEWORKS if fw != "trl"}
             sanity = {
                 "same prompt token ids on both sides": len(digests) == 1,
                 "fp32, no activation checkpointing, dropout 0 on both": not any(
@@ -561,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             results["models"][model_name] = {
                 "parameters": prepared["parameters"], **(MODELS[model_name] or {"defaults": True}),
-                "sft_s": prepared["sft_s"], "sft": sft_m, "best": best, "spread": spread, "quality": quality,
+                "sft_s": prepared["sft_s"], "sft": sft_m, "best": best, "samples_per_s": samples_per_s, "quality": quality,
                 "ratios": ratios, "sanity": sanity, "runs": runs,
             }
             for name, ok in sanity.items():
@@ -571,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"({a['first_prompt_ids']} vs {t['first_prompt_ids']})")
         worker_digests = {r["align_source_digest"] for m in results["models"].values()
                           for rs in m["runs"].values() for r in rs}
-        results["align_source_changed_during_run"] = worker_digests | {source_digest()} != {digest_start}
+        results["align_source_changed_during_run"] = worker_digests | {common.source_digest()} != {digest_start}
         if results["align_source_changed_during_run"]:
             print("WARNING: align's source (align/**/*.py) changed while the bench ran: runs measured different "
                   "code (see align_source_digest per run in the JSON)", flush=True)
@@ -581,22 +504,25 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\ngold/KL: after {spec['quality_steps']} optimizer steps, {spec['eval_prompts']} held-out prompts x "
           f"{EVAL_SAMPLES} samples; KL = KL(policy || SFT) in nats per completion\n")
-    print("| model | framework | steps/s | samples/s | tokens/completion (timed) | peak RSS MiB | gold after | "
-          "KL after |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | framework | steps/s (best) | samples/s (median, min–max, ±spread) | tokens/completion (timed) | "
+          "peak RSS MiB | gold after | KL after |\n|---|---|---:|---:|---:|---:|---:|---:|")
     for model_name, m in results["models"].items():
         print(f"| {model_name} | SFT (before) | - | - | {m['sft']['length']:.1f} | - | {m['sft']['gold']:+.3f} | 0 |")
         for fw in FRAMEWORKS:
             b, q = m["best"][fw], m["quality"][fw]
-            print(f"| {model_name} | {fw} | {b['steps_per_s']:.3f} | {b['samples_per_s']:.1f} "
-                  f"(±{100 * m['spread'][fw]:.0f}%) | {_fmt(b['completion_tokens_timed'], '.1f')} | "
+            print(f"| {model_name} | {fw} | {b['steps_per_s']:.3f} | {common.fmt_spread(m['samples_per_s'][fw], '.1f')} "
+                  f"| {_fmt(b['completion_tokens_timed'], '.1f')} | "
                   f"{_fmt(b['peak_rss_mib'], '.0f')} | {q['gold']:+.3f} | {q['kl']:.3f} |")
     print("\n| model | align variant | samples/s /TRL | tokens/s /TRL | peak RSS /TRL | peak RSS above baseline /TRL "
           "| CPU s/step /TRL |\n|---|---|---:|---:|---:|---:|---:|")
     for model_name, m in results["models"].items():
         for fw, r in m["ratios"].items():
-            print(f"| {model_name} | {fw} | {r['samples_per_s']:.2f}x | {_fmt(r['tokens_per_s'], '.2f')}x | "
-                  f"{r['peak_rss']:.2f} | {r['peak_rss_increase']:.2f} | {r['cpu_s_per_step']:.2f} |")
-    atomic_write_json(args.output, results)
+            print(f"| {model_name} | {fw} | {common.fmt_spread(r['samples_per_s'])} | "
+                  f"{common.fmt_spread(r['tokens_per_s']) if r['tokens_per_s'] else '-'} | "
+                  f"{common.fmt_spread(r['peak_rss'])} | {common.fmt_spread(r['peak_rss_increase'])} | "
+                  f"{common.fmt_spread(r['cpu_s_per_step'])} |")
+    print("(ratios: median over repeats of repeat i's figure / TRL's repeat i, with min–max and spread)")
+    common.write_json(args.output, results)
     print(f"\n{results['wall_s']:.0f}s in all; results in {args.output}")
     return 0
 

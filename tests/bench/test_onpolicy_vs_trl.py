@@ -34,5 +34,11 @@ def test_quick_bench_writes_both_frameworks(tmp_path):
         assert math.isfinite(quality["gold"]) and math.isfinite(quality["kl"])
         assert toy["runs"][framework][0]["optimizer_steps"] == results["spec"]["quality_steps"]
     assert toy["sanity"]["same prompt token ids on both sides"]
-    assert toy["ratios"]["align"]["samples_per_s"] > 0 and toy["ratios"]["align_k"]["samples_per_s"] > 0
+    for framework in ("align", "align_k"):  # ratios to TRL: median over repeats, with min, max and spread
+        for name in ("samples_per_s", "peak_rss", "cpu_s_per_step"):
+            ratio = toy["ratios"][framework][name]
+            assert ratio["n"] == results["spec"]["repeats"] and ratio["spread"] >= 0
+            assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"] and math.isfinite(ratio["max"])
+        assert math.isfinite(toy["ratios"][framework]["best_of_k_samples_per_s"])
+        assert toy["samples_per_s"][framework]["median"] > 0
     assert "| toy | align |" in proc.stdout and "| toy | trl |" in proc.stdout
