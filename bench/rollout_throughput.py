@@ -2,7 +2,8 @@
 model sizes, on whatever device is here (vLLM's CPU build on CPU; the CUDA build on a GPU).
 
     python bench/rollout_throughput.py            # toy model (d=64, 2 layers) and d=512, 8 layers; 64 x 8 x 24 tokens
-    python bench/rollout_throughput.py --quick    # smoke run (toy model, few prompts; timings meaningless)
+    python bench/rollout_throughput.py --quick    # smoke run (toy model, few prompts, 2 repeats; timings meaningless)
+    python bench/rollout_throughput.py --quick --backends hf    # without vLLM (what the main test suite runs)
 
 What is measured: `RolloutBackend.generate(prompts, n, SamplingParams(max_new_tokens, temperature=1, seed=0))` end
 to end: sampling plus the per-token log-probs every backend returns (HF recomputes them with one teacher-forced pass;
@@ -13,21 +14,18 @@ backends generate nearly `max_new_tokens` per sample.
 
 - `hf`: HFRollout, left-padded batches of `--batch-size` sequences with a KV cache;
 - `vllm`: VLLMRollout (`enforce_eager` on CPU, where there is nothing to compile for; CUDA graphs on a GPU);
-- `sync`: `VLLMRollout.load_weights(model)`, the in-place reload of the HF model's weights (median of the repeats).
+- `sync`: `VLLMRollout.load_weights(model)`, the in-place reload of the HF model's weights (median of at least 3).
 
-Both run in fp32 on CPU, bf16 on a GPU. The two backends alternate, each timed `--repeats` times after one full-size
-warm-up;
-the fastest run counts and the spread (slowest/fastest − 1) is printed. Without vLLM the HF figures are still
+Both run in fp32 on CPU, bf16 on a GPU. The two backends alternate (`common.interleaved`), each timed `--repeats` times
+after one full-size warm-up; the table gives the median tokens/s with its spread (max − min) / median, and the vLLM /
+HF ratio per repeat (the two ran back to back), median and spread; every run is kept in the JSON. Without vLLM the HF figures are still
 measured and the reason is printed. Results: a table and JSON at `--output` (default
 bench/results/rollout_throughput.json), written atomically.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -39,9 +37,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "rollout_throughput.json"
+import common  # noqa: E402  (after the environment it reads at import)
+
+BACKENDS = ("hf", "vllm")
 MODELS = {
     "toy": {},  # toy_world.build_tiny_model's defaults: d=64, 2 layers, 2 heads (head_dim 32), the quickstart's
     "d512x8": {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 8, "intermediate_size": 2048,
@@ -50,7 +48,7 @@ MODELS = {
 PRESETS = {
     "full": {"models": ["toy", "d512x8"], "prompts": 64, "n": 8, "max_new_tokens": 24, "batch_size": 64,
              "repeats": 3},
-    "quick": {"models": ["toy"], "prompts": 4, "n": 2, "max_new_tokens": 4, "batch_size": 8, "repeats": 1},
+    "quick": {"models": ["toy"], "prompts": 4, "n": 2, "max_new_tokens": 4, "batch_size": 8, "repeats": 2},
 }
 
 
@@ -74,49 +72,39 @@ def time_generate(rollout, prompts, n, sampling) -> dict:
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
 
 
-def summarise(runs: list[dict]) -> dict:
-    speeds = [r["tokens_per_s"] for r in runs]
-    return {"tokens_per_s": max(speeds), "spread": max(speeds) / min(speeds) - 1, "runs": runs}
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: toy model, few prompts")
+    parser = common.bench_parser(__doc__, "rollout_throughput", threads=None, threads_help="torch threads on CPU",
+                                 repeats_help="timed runs per backend, alternating")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="model sizes (default: preset)")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="backends to measure (default: both; vLLM is skipped, with the reason, where missing)")
     parser.add_argument("--prompts", type=int, help="number of prompts (default: preset)")
     parser.add_argument("--n", type=int, help="samples per prompt (default: preset)")
     parser.add_argument("--max-new-tokens", type=int, help="tokens per completion (default: preset)")
     parser.add_argument("--batch-size", type=int, help="HF: sequences per generate call (default: preset)")
-    parser.add_argument("--repeats", type=int, help="timed runs per backend, fastest counts (default: preset)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: all cores)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align import toy_world
-    from align.io import atomic_write_json
     from align.rollout import SamplingParams, build_rollout
 
-    preset = dict(PRESETS["quick" if args.quick else "full"])
-    for key in ("models", "prompts", "n", "max_new_tokens", "batch_size", "repeats"):
-        if getattr(args, key) is not None:
-            preset[key] = getattr(args, key)
+    preset = common.apply_overrides(PRESETS["quick" if args.quick else "full"], args,
+                                    ("models", "prompts", "n", "max_new_tokens", "batch_size", "repeats"))
     on_gpu = torch.cuda.is_available()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     device = torch.cuda.get_device_name() if on_gpu else f"cpu ({os.cpu_count()} cores)"
-    prompts = toy_world.make_prompts(preset["prompts"], seed=0)
+    prompts = toy_world.make_prompts(preset["prompts"], seed=args.seed)
     n, repeats = preset["n"], preset["repeats"]
-    sampling = SamplingParams(max_new_tokens=preset["max_new_tokens"], temperature=1.0, seed=0)
-    no_vllm = vllm_unavailable()
-    results: dict = {"setup": {**preset, "device": device, "dtype": str(dtype).removeprefix("torch."),
-                               "threads": torch.get_num_threads(), "torch": torch.__version__,
-                               "python": platform.python_version()},
-                     "vllm_unavailable": no_vllm, "models": {}}
+    sampling = SamplingParams(max_new_tokens=preset["max_new_tokens"], temperature=1.0, seed=args.seed)
+    no_vllm = vllm_unavailable() if "vllm" in args.backends else "not asked for (--backends)"
+    results: dict = {"setup": {**preset, "backends": args.backends, "device": device,
+                               "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                               "torch": torch.__version__, "quick": args.quick},
+                     "machine": common.machine(), "vllm_unavailable": no_vllm, "models": {}}
     if no_vllm:
         print(f"vLLM: not measured ({no_vllm})", flush=True)
     else:
@@ -124,53 +112,61 @@ def main(argv: list[str] | None = None) -> int:
 
         results["setup"]["vllm"] = vllm.__version__
     print(f"{device}, {str(dtype).removeprefix('torch.')}; {len(prompts)} prompts x {n} samples x "
-          f"{preset['max_new_tokens']} new tokens; best of {repeats}, backends alternating", flush=True)
+          f"{preset['max_new_tokens']} new tokens; {repeats} repeats, backends alternating", flush=True)
 
+    started = time.time()
     for size in preset["models"]:
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = Path(tmp) / size
-            toy_world.save_base_model(model_dir, seed=0, **MODELS[size])
+            model_dir = common.save_tiny_model(Path(tmp) / size, seed=args.seed, **MODELS[size])
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
             if on_gpu:
                 model = model.cuda()
             entry = {"parameters": sum(p.numel() for p in model.parameters()), **(MODELS[size] or {"defaults": True})}
-            backends = {"hf": build_rollout("hf", model, tokenizer, batch_size=preset["batch_size"])}
+            backends = {}
+            if "hf" in args.backends:
+                backends["hf"] = build_rollout("hf", model, tokenizer, batch_size=preset["batch_size"])
             if not no_vllm:
                 backends["vllm"] = build_rollout(
-                    "vllm", str(model_dir), tokenizer, dtype=str(dtype).removeprefix("torch."), seed=0,
+                    "vllm", str(model_dir), tokenizer, dtype=str(dtype).removeprefix("torch."), seed=args.seed,
                     max_model_len=256, enforce_eager=not on_gpu,
                     **({"gpu_memory_utilization": 0.3} if on_gpu else
                        {"engine_kwargs": {"kv_cache_memory_bytes": 512 << 20}}))
-            runs: dict[str, list] = {name: [] for name in backends}
             for rollout in backends.values():
                 rollout.generate(prompts, n=n, sampling=sampling)  # warm-up at full size (allocations, kernels)
-            for _ in range(repeats):
-                for name, rollout in backends.items():
-                    runs[name].append(time_generate(rollout, prompts, n, sampling))
-            for name in backends:
-                entry[name] = summarise(runs[name])
+            runs = common.interleaved(backends, repeats,
+                                      lambda name, rep, b=backends: time_generate(b[name], prompts, n, sampling))
+            for name, rs in runs.items():
+                entry[name] = {"tokens_per_s": common.spread(r["tokens_per_s"] for r in rs), "runs": rs}
             if "vllm" in backends:
                 syncs = []
                 for _ in range(max(3, repeats)):
                     start = time.perf_counter()
                     backends["vllm"].load_weights(model)
                     syncs.append(time.perf_counter() - start)
-                entry["sync_s"] = statistics.median(syncs)
-                entry["vllm_x_hf"] = entry["vllm"]["tokens_per_s"] / entry["hf"]["tokens_per_s"]
+                entry["sync_s"] = common.spread(syncs)
+                if "hf" in backends:
+                    entry["vllm_x_hf"] = common.paired_ratios(runs["vllm"], runs["hf"], "tokens_per_s")
             results["models"][size] = entry
-            print(f"  {size} ({entry['parameters'] / 1e6:.1f}M): hf {entry['hf']['tokens_per_s']:.0f} tokens/s"
-                  + (f", vllm {entry['vllm']['tokens_per_s']:.0f} tokens/s ({entry['vllm_x_hf']:.2f}x), "
-                     f"sync {entry['sync_s'] * 1e3:.0f} ms" if "vllm" in entry else ""), flush=True)
+            print(f"  {size} ({entry['parameters'] / 1e6:.1f}M): " + ", ".join(
+                f"{name} {common.fmt_spread(entry[name]['tokens_per_s'], '.0f')} tokens/s" for name in backends)
+                  + (f"; sync {entry['sync_s']['median'] * 1e3:.0f} ms" if "sync_s" in entry else ""), flush=True)
             del backends, model
 
-    print("\n| model | parameters | HF tokens/s | vLLM tokens/s | vLLM / HF | weight sync |\n|---|---:|---:|---:|---:|---:|")
+    def cell(e, key, fmt):
+        return common.fmt_spread(e[key]["tokens_per_s"], fmt) if key in e else "-"
+
+    print("\n| model | parameters | HF tokens/s | vLLM tokens/s | vLLM / HF | weight sync (ms) |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for size, e in results["models"].items():
-        spread = lambda v: f" (±{100 * v['spread']:.0f}%)"  # noqa: E731
-        vllm_cols = (f"{e['vllm']['tokens_per_s']:.0f}{spread(e['vllm'])} | {e['vllm_x_hf']:.2f}x | "
-                     f"{e['sync_s'] * 1e3:.0f} ms") if "vllm" in e else "- | - | -"
-        print(f"| {size} | {e['parameters'] / 1e6:.1f}M | {e['hf']['tokens_per_s']:.0f}{spread(e['hf'])} | {vllm_cols} |")
-    atomic_write_json(args.output, results)
+        ratio = common.fmt_spread(e["vllm_x_hf"]) + "x" if "vllm_x_hf" in e else "-"
+        sync = common.fmt_spread({**e["sync_s"], **{k: 1e3 * e["sync_s"][k] for k in ("median", "min", "max")}},
+                                 ".0f") if "sync_s" in e else "-"
+        print(f"| {size} | {e['parameters'] / 1e6:.1f}M | {cell(e, 'hf', '.0f')} | {cell(e, 'vllm', '.0f')} | "
+              f"{ratio} | {sync} |")
+    print("(median over the repeats (min–max, ±spread = (max − min) / median))")
+    results["wall_s"] = time.time() - started
+    common.write_json(args.output, results)
     print(f"results: {args.output}")
     return 0
 
