@@ -77,7 +77,7 @@ def spread(values) -> dict:
     values = [float(v) for v in values]
     median = statistics.median(values)
     return {"n": len(values), "median": median, "min": min(values), "max": max(values),
-            "spread": (max(values) - min(values)) / median if median else 0.0, "values": values}
+            "spread": (max(values) - min(values)) / abs(median) if median else 0.0, "values": values}
 
 
 def fmt_spread(s: dict, fmt: str = ".2f") -> str:

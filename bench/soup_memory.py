@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: peak memory per rank of building the `soup` reference under DeepSpeed ZeRO-2 and ZeRO-3.
 
-    python bench/soup_memory.py            # 29.6M-parameter Llama (113 MiB fp32), 2 CPU processes, ~2 min
+    python bench/soup_memory.py            # 29.6M-parameter Llama (113 MiB fp32), 2 CPU processes, 2 repeats
     python bench/soup_memory.py --quick    # 5.3M parameters (20 MiB fp32), before and after only, < 60 s
     python bench/soup_memory.py --quick --ks 2   # K = 2 only (tests/bench/test_soup_memory.py)
 
@@ -24,6 +24,10 @@ of building the reference model (`--quick`: `before` and `after` only):
   DeepSpeed's own: building a model under `zero.Init` costs about as much as `from_pretrained` does (measured with
   `from_config`, no weights read), one to two models' worth of transient heap per rank at this size.
 
+Each build runs `--repeats` times (default 2; `--quick` 1), the variants in rotating order within a repeat; the
+tables give per rank the median over the repeats, with ± the larger rank's max − min in MiB, and the JSON every
+build and the spread of each figure (`common.spread`).
+
 Peak memory: each rank resets its high-water mark (`/proc/self/clear_refs` ← 5, after `gc` and `malloc_trim`),
 builds, reads every parameter (as the first forward will), and reads `VmHWM`; the figure is that peak minus the RSS
 right before the build (the libraries and the interpreter, ~0.5 GB, are the same for all), per rank. A second
@@ -38,23 +42,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import gc
 import json
 import math
-import os
-import re
 import shutil
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from unittest import mock
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "soup_memory.json"
+import common
+
 MODELS = {  # untied embeddings: the embedding and the LM head are the largest tensors
     "full": {"vocab_size": 16384, "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
              "num_attention_heads": 8, "num_key_value_heads": 8, "tie_word_embeddings": False},
@@ -136,47 +133,10 @@ def make_ingredients(root: Path, model_size: str, ks: tuple[int, ...]) -> dict:
 
 # --- the measurement (each torchrun worker) -----------------------------------------------------------------------
 
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) / 1024
-
-
-class AnonPeak:
-    """Samples `RssAnon` (heap and other private memory: what an OOM kill counts; `VmHWM` also counts pages of
-    mapped files, such as a safetensors file `from_pretrained` reads, which the page cache shares between the ranks
-    of a node and can reclaim) every millisecond in a thread; torch's copies release the GIL, so it keeps sampling."""
-
-    def __enter__(self):
-        self.peak = _status_mib("RssAnon")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _status_mib("RssAnon"))
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _status_mib("RssAnon"))
-
-
 def _touch(model) -> None:
     """Reads every parameter, as the first forward will: pages `from_pretrained` left mapped but unread count."""
     for p in model.parameters():
         p.data.sum()
-
-
-def _settle() -> float:
-    """Frees what can be freed, resets the high-water mark to the current RSS, returns that RSS (MiB)."""
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to VmRSS (Linux >= 4.0)
-    return _status_mib("VmRSS")
 
 
 def _before(checkpoints, weights, model_config):
@@ -235,10 +195,10 @@ def worker(spec_path: Path, output: Path) -> None:
 
     from align.modeling import ModelConfig
 
-    torch.set_num_threads(1)
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
     deepspeed.init_distributed(dist_backend="gloo")
     rank = deepspeed.comm.get_rank()
-    spec = json.loads(spec_path.read_text())
     build = {"before": _before, "in-memory": _in_memory, "after": _after, "frozen": _frozen}
     rows = []
     for stage in spec["stages"]:
@@ -251,15 +211,18 @@ def worker(spec_path: Path, output: Path) -> None:
         for variant in ("in-memory", "after"):
             build[variant](spec["ingredients"]["lora"][:2], [0.5, 0.5], warm_config)
         model_config = ModelConfig(name_or_path=spec["ingredients"]["full"][0], dtype="float32")
-        cases = [(kind, k, variant) for kind in spec["kinds"] for k in spec["ks"] for variant in spec["variants"]]
-        for kind, k, variant in [*cases, ("frozen", 1, "frozen")]:
+        # Every repeat builds each (kind, K) with the variants in rotating order (common.rotation), then `frozen`.
+        cases = [(rep, kind, k, variant) for rep in range(spec["repeats"]) for kind in spec["kinds"]
+                 for k in spec["ks"] for variant in [*common.rotation(spec["variants"], rep)]]
+        cases += [(rep, "frozen", 1, "frozen") for rep in range(spec["repeats"])]
+        for repeat, kind, k, variant in cases:
             checkpoints = spec["ingredients"]["full"][:1] if kind == "frozen" else spec["ingredients"][kind][:k]
             deepspeed.comm.barrier()
-            baseline = _settle()
-            anon_baseline = _status_mib("RssAnon")
+            baseline = common.settle()
             start = time.perf_counter()
-            row = {"rank": rank, "stage": stage, "kind": kind, "k": k, "variant": variant, "baseline_mib": baseline}
-            with AnonPeak() as anon:
+            row = {"rank": rank, "stage": stage, "kind": kind, "k": k, "variant": variant, "repeat": repeat,
+                   "baseline_mib": baseline}
+            with common.PeakSampler("RssAnon") as anon:
                 try:  # the old code fails on LoRA ingredients under ZeRO-3, on every rank alike
                     model = build[variant](checkpoints, [1.0 / k] * k, model_config)
                     _touch(model)
@@ -267,10 +230,10 @@ def worker(spec_path: Path, output: Path) -> None:
                     row["failure"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
                     model = None
             row["seconds"] = time.perf_counter() - start
-            peak, held = _status_mib("VmHWM"), _status_mib("VmRSS")
+            peak, held = common.status_mib("VmHWM"), common.status_mib("VmRSS")
             row.update(peak_mib=peak, peak_extra_mib=peak - baseline, held_extra_mib=held - baseline,
-                       anon_peak_extra_mib=anon.peak - anon_baseline)
-            if model is not None and kind != "frozen":
+                       anon_peak_extra_mib=anon.extra)
+            if model is not None and kind != "frozen" and repeat == 0:  # the same soup every repeat
                 row["max_abs_error"] = _max_error(model, spec["ingredients"][f"expected-{kind}-{k}"])
             rows.append(row)
             del model
@@ -280,41 +243,40 @@ def worker(spec_path: Path, output: Path) -> None:
 
 # --- driver -------------------------------------------------------------------------------------------------------
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small model, < 60 s")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+def per_rank(rows: list[dict], measure: str) -> tuple[list[float], list[dict]]:
+    """(median over the repeats per rank, spread per rank) of `measure` in `rows` (ranks 0 and 1)."""
+    spreads = [common.spread(r[measure] for r in rows if r["rank"] == rank) for rank in range(2)]
+    return [s["median"] for s in spreads], spreads
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = common.bench_parser(__doc__, "soup_memory", threads=1, threads_help="torch threads per process",
+                                 repeats_help="builds per (stage, kind, K, variant) in one job, variants in rotating "
+                                              "order (default: 2; quick: 1)")
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS), help="numbers of ingredients (default 2 4)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # the spec file
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.output)
         return
     if min(args.ks) < 2:
         parser.error("--ks: a soup has at least 2 ingredients")
-
-    sys.path.insert(0, str(REPO_ROOT))
-    from align.io import atomic_write_json
+    repeats = args.repeats or (1 if args.quick else 2)
 
     model_size = "quick" if args.quick else "full"
     variants = ("before", "after") if args.quick else VARIANTS  # --quick: the two the ratio needs
     args.output.parent.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="soup-memory-"))
+    machine = common.machine()
     try:
         started = time.perf_counter()
         ingredients = make_ingredients(root, model_size, tuple(args.ks))
         spec = {"ingredients": ingredients, "stages": list(STAGES), "kinds": list(KINDS), "ks": list(args.ks),
-                "variants": list(variants)}
+                "variants": list(variants), "repeats": repeats, "threads": args.threads}
         spec_path = root / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT),
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TMPDIR": str(root)}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", __file__,
-               "--worker", str(spec_path), "--output", str(args.output)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:  # the first worker traceback, not torchrun's summary of it
-            first = proc.stderr.find("[rank")
-            sys.exit(f"worker failed:\n{proc.stderr[max(first, 0):][:6000]}")
+        common.run_torchrun(__file__, ["--worker", str(spec_path), "--output", str(args.output)], "soup worker",
+                            env=common.worker_env(args.threads, DS_ACCELERATOR="cpu", TMPDIR=str(root)))
         rows = []
         for rank in range(2):
             part = args.output.parent / f"{args.output.stem}.rank{rank}.json"
@@ -330,46 +292,53 @@ def main() -> None:
             for k in args.ks:
                 cell = {"stage": stage, "kind": kind, "k": k}
                 for variant in variants:
-                    mine = sorted((r for r in rows if (r["stage"], r["kind"], r["k"], r["variant"])
-                                   == (stage, kind, k, variant)), key=lambda r: r["rank"])
-                    cell[variant] = {measure: [r[measure] for r in mine] for measure in MEASURES}
-                    cell[variant].update(held_extra_mib=[r["held_extra_mib"] for r in mine],
-                                         seconds=max(r["seconds"] for r in mine),
+                    mine = [r for r in rows if (r["stage"], r["kind"], r["k"], r["variant"])
+                            == (stage, kind, k, variant)]
+                    # per rank: the median over the repeats, and its spread (min, max, (max - min) / median)
+                    cell[variant] = {}
+                    for measure in (*MEASURES, "held_extra_mib"):
+                        cell[variant][measure], cell[variant][f"{measure}_spread"] = per_rank(mine, measure)
+                    cell[variant].update(seconds=max(r["seconds"] for r in mine),
                                          failure=next((r["failure"] for r in mine if "failure" in r), None),
-                                         max_abs_error=max(r.get("max_abs_error", math.inf) for r in mine))
+                                         max_abs_error=max(r.get("max_abs_error", math.inf) for r in mine
+                                                           if r["repeat"] == 0))
                 for measure in MEASURES:  # per-rank maximum, after over before
                     after = max(cell["after"][measure])
                     cell[f"{measure}_ratio_after_over_before"] = after / max(cell["before"][measure])
                     if "in-memory" in cell:
                         cell[f"{measure}_ratio_after_over_in_memory"] = after / max(cell["in-memory"][measure])
                 table.append(cell)
-    frozen = {stage: {measure: [r[measure] for r in sorted(rows, key=lambda r: r["rank"])
-                                if r["kind"] == "frozen" and r["stage"] == stage] for measure in MEASURES}
-              for stage in STAGES}
+    frozen = {stage: {measure: per_rank([r for r in rows if r["kind"] == "frozen" and r["stage"] == stage],
+                                        measure)[0] for measure in MEASURES} for stage in STAGES}
     params = ingredients["parameters"]
-    summary = {"frozen_reference": frozen, "model": model_size, "parameters": params, "model_mib_fp32": params * 4 / 2**20, "processes": 2,
-               "dtype": "float32", "table": table, "rows": rows, "leftover_soup_folders": leftovers,
+    summary = {"frozen_reference": frozen, "model": model_size, "parameters": params,
+               "model_mib_fp32": params * 4 / 2**20, "processes": 2, "dtype": "float32", "repeats": repeats,
+               "machine": machine, "table": table, "rows": rows, "leftover_soup_folders": leftovers,
                "seconds": time.perf_counter() - started}
-    atomic_write_json(args.output, summary)
+    common.write_json(args.output, summary)
 
     def ranks(c, v, measure):
         if v not in c:
             return "-"
-        return "/".join(f"{x:.0f}" for x in c[v][measure]) + ("!" if c[v]["failure"] else "")
+        cell = "/".join(f"{x:.0f}" for x in c[v][measure]) + ("!" if c[v]["failure"] else "")
+        if repeats > 1:  # the larger rank's spread over the repeats, in MiB (a ratio of near-zero MiB means nothing)
+            cell += " ±" + f"{max(s['max'] - s['min'] for s in c[v][f'{measure}_spread']):.0f}"
+        return cell
 
     def error(c, v):
         return "failed" if c[v]["failure"] else f"{c[v]['max_abs_error']:.1e}"
 
     print(f"soup reference build, {params / 1e6:.1f}M-parameter Llama ({params * 4 / 2**20:.0f} MiB fp32 per "
-          "ingredient), fp32, 2 CPU processes. MiB above the RSS before the build, rank 0 / rank 1; ratio: after / "
-          "before of the larger rank")
+          "ingredient), fp32, 2 CPU processes. MiB above the RSS before the build, rank 0 / rank 1"
+          + (f" (median of {repeats} builds, ± the larger rank's max − min)" if repeats > 1 else "")
+          + "; ratio: after / before of the larger rank")
     for measure, title in MEASURES.items():
         print(f"\n{title}")
-        print(f"{'kind':<5}{'K':>3}{'ZeRO':>5}  {'before':>11}  {'in-memory':>11}  {'after':>11}  {'ratio':>6}  "
+        print(f"{'kind':<5}{'K':>3}{'ZeRO':>5}  {'before':>15}  {'in-memory':>15}  {'after':>15}  {'ratio':>6}  "
               f"{'max |err| before':>16}  {'after':>8}")
         for c in table:
-            print(f"{c['kind']:<5}{c['k']:>3}{c['stage']:>5}  {ranks(c, 'before', measure):>11}  "
-                  f"{ranks(c, 'in-memory', measure):>11}  {ranks(c, 'after', measure):>11}  "
+            print(f"{c['kind']:<5}{c['k']:>3}{c['stage']:>5}  {ranks(c, 'before', measure):>15}  "
+                  f"{ranks(c, 'in-memory', measure):>15}  {ranks(c, 'after', measure):>15}  "
                   f"{c[f'{measure}_ratio_after_over_before']:>6.2f}  {error(c, 'before'):>16}  {error(c, 'after'):>8}")
         for stage in STAGES:  # the floor: what loading one checkpoint as a `frozen` reference costs
             floor = "/".join(f"{frozen[stage][measure][r]:.0f}" for r in range(2))
