@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: peak memory of one TR-DPO reference update under DeepSpeed ZeRO-3, align against TRL's way.
 
-    python bench/tr_dpo_zero3_memory.py            # ~420 MB fp32 Llama, 2 CPU processes, ~2 min
+    python bench/tr_dpo_zero3_memory.py            # ~420 MB fp32 Llama, 2 CPU processes, 2 jobs per variant
     python bench/tr_dpo_zero3_memory.py --quick    # small model, smoke run
 
 What is compared (same model, same 2 processes, same α):
@@ -17,23 +17,21 @@ under a ZeRO-3 Trainer. Each variant runs in its own `torchrun` job so that peak
 reads the process RSS every millisecond during the update; the figure is the peak RSS during the update minus the
 RSS right before it (after `malloc_trim`, so freed heap is not reused unseen), per rank (max over ranks). Afterwards
 each rank checks its reference partition against the formula `θ_ref ← α θ + (1 − α) θ_ref` applied to its partition
-before the update and the same slice of the policy (max abs error printed).
+before the update and the same slice of the policy (max abs error printed). `--repeats` jobs per variant run with the
+variants alternating (`common.interleaved`); the table gives the median over the jobs with min, max and spread
+(max − min) / median, and the align / TRL ratio per pair of jobs likewise.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUTPUT = REPO_ROOT / "bench" / "results" / "tr_dpo_zero3_memory.json"
+import common
+
+VARIANTS = ("align", "trl")
 MODELS = {  # ~105M parameters = 420 MB fp32, untied embeddings (the embedding is the largest module)
     "full": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
                  num_attention_heads=12, num_key_value_heads=12, tie_word_embeddings=False),
@@ -43,39 +41,14 @@ MODELS = {  # ~105M parameters = 420 MB fp32, untied embeddings (the embedding i
 ALPHA = 0.5
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Samples the process RSS every millisecond in a thread (torch ops release the GIL, so it keeps sampling)."""
-
-    def __enter__(self):
-        self.baseline = self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-
-def worker(variant: str, model_size: str, output: Path) -> None:
+def worker(variant: str, model_size: str, output: Path, threads: int) -> None:
     import deepspeed
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from align.references import TRDPOReference, soft_update_reference
 
+    torch.set_num_threads(threads)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
     # fp32 via the config, not `dtype=`: DeepSpeed 0.19's `Init._set_dtype` reads `dtype or torch.float16 if
@@ -115,12 +88,12 @@ def worker(variant: str, model_size: str, output: Path) -> None:
     # second is the steady state a training run sees at every later update. The check below accounts for both.
     peaks, seconds = [], []
     for _ in range(2):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap goes back to the OS: the baseline is live memory only
-        with PeakRSS() as rss:
+        common.settle()  # gc and malloc_trim: freed heap goes back to the OS, so the baseline is live memory only
+        with common.PeakSampler("VmRSS") as rss:
             start = time.perf_counter()
             update()
             seconds.append(time.perf_counter() - start)
-        peaks.append((rss.peak - rss.baseline) / 2**20)
+        peaks.append(rss.extra)
         deepspeed.comm.barrier()
     deepspeed.comm.barrier()
     # Check: each rank's partition equals lerp(its partition before, the same slice of the full policy tensor).
@@ -134,58 +107,63 @@ def worker(variant: str, model_size: str, output: Path) -> None:
             soft_update_reference([expected[:piece.numel()]], [piece], ALPHA)
         max_error = max(max_error, (p_ref.ds_tensor - expected).abs().max().item())
     result = {"rank": rank, "world": world, "variant": variant, "parameters": n_params,
-              "model_mb_fp32": n_params * 4 / 2**20, "update_peak_mb": peaks[1],
-              "first_update_peak_mb": peaks[0], "rss_before_mb": rss.baseline / 2**20, "seconds": seconds[1],
+              "model_mib_fp32": n_params * 4 / 2**20, "update_peak_mib": peaks[1],
+              "first_update_peak_mib": peaks[0], "rss_before_mib": rss.baseline, "seconds": seconds[1],
               "first_update_seconds": seconds[0], "max_abs_error": max_error}
     (output.parent / f"{output.stem}.{variant}.{rank}.json").write_text(json.dumps(result))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small model (smoke run)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--worker", choices=("align", "trl"), help=argparse.SUPPRESS)
+def main(argv: list[str] | None = None) -> None:
+    parser = common.bench_parser(__doc__, "tr_dpo_zero3_memory", threads=1, threads_help="torch threads per process",
+                                 repeats_help="torchrun jobs per variant, the variants alternating (default: 2; "
+                                              "quick: 1)")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="full", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--job", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.model, args.output)
+        worker(args.worker, args.model, args.output.parent / f"{args.output.stem}.{args.job}.json", args.threads)
         return
-
-    sys.path.insert(0, str(REPO_ROOT))
-    from align.io import atomic_write_json
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     model = "quick" if args.quick else "full"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    results = {}
-    for i, variant in enumerate(("align", "trl")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29650 + i), __file__, "--worker", variant, "--model", model, "--output", str(args.output)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{variant} worker failed:\n{proc.stderr[-3000:]}")
+    repeats = args.repeats or (1 if args.quick else 2)
+    machine = common.machine()
+
+    def job(variant: str, rep: int) -> dict:
+        """One torchrun job of 2 processes: the variant's two updates; the figures of its larger rank."""
+        common.run_torchrun(__file__, ["--worker", variant, "--model", model, "--output", str(args.output), "--job",
+                                       str(rep), "--threads", str(args.threads)], f"{variant} worker")
         ranks = []
         for rank in range(2):
-            part = args.output.parent / f"{args.output.stem}.{variant}.{rank}.json"
+            part = args.output.parent / f"{args.output.stem}.{rep}.{variant}.{rank}.json"
             ranks.append(json.loads(part.read_text()))
             part.unlink()
-        results[variant] = {"per_rank": ranks, "update_peak_mb": max(r["update_peak_mb"] for r in ranks),
-                            "first_update_peak_mb": max(r["first_update_peak_mb"] for r in ranks),
-                            "seconds": max(r["seconds"] for r in ranks),
-                            "max_abs_error": max(r["max_abs_error"] for r in ranks)}
-    info = results["align"]["per_rank"][0]
-    summary = {"model": model, "parameters": info["parameters"], "model_mb_fp32": info["model_mb_fp32"],
-               "processes": 2, "alpha": ALPHA, **results,
-               "peak_ratio_align_over_trl": results["align"]["update_peak_mb"] / results["trl"]["update_peak_mb"]}
-    atomic_write_json(args.output, summary)
+        print(f"  {variant} job {rep + 1}: peak extra RSS {max(r['update_peak_mib'] for r in ranks):.1f} MiB",
+              flush=True)
+        return {"per_rank": ranks, **{key: max(r[key] for r in ranks) for key in (
+            "update_peak_mib", "first_update_peak_mib", "seconds", "max_abs_error")}}
+
+    runs = common.interleaved(VARIANTS, repeats, job)
+    results = {variant: {**{key: common.spread(r[key] for r in rs) for key in (
+        "update_peak_mib", "first_update_peak_mib", "seconds")}, "max_abs_error": max(r["max_abs_error"] for r in rs),
+        "jobs": rs} for variant, rs in runs.items()}
+    info = runs["align"][0]["per_rank"][0]
+    summary = {"model": model, "parameters": info["parameters"], "model_mib_fp32": info["model_mib_fp32"],
+               "processes": 2, "alpha": ALPHA, "repeats": repeats, "machine": machine, **results,
+               "peak_ratio_align_over_trl": common.paired_ratios(runs["align"], runs["trl"], "update_peak_mib")}
+    common.write_json(args.output, summary)
     print(f"TR-DPO reference update under ZeRO-3, {info['parameters'] / 1e6:.1f}M params "
-          f"({info['model_mb_fp32']:.0f} MB fp32), 2 CPU processes, alpha={ALPHA}")
-    print(f"{'variant':<8}{'peak extra RSS, MB (max rank)':>31}{'1st update':>12}{'time (s)':>10}{'max |err|':>12}")
-    for variant in ("align", "trl"):
+          f"({info['model_mib_fp32']:.0f} MiB fp32), 2 CPU processes, alpha={ALPHA}; {repeats} job(s) per variant, "
+          "median (min–max, ±spread)")
+    print(f"{'variant':<8}{'peak extra RSS, MiB (max rank)':>34}{'1st update':>26}{'time (s)':>24}{'max |err|':>12}")
+    for variant in VARIANTS:
         r = results[variant]
-        print(f"{variant:<8}{r['update_peak_mb']:>31.1f}{r['first_update_peak_mb']:>12.1f}{r['seconds']:>10.2f}"
+        print(f"{variant:<8}{common.fmt_spread(r['update_peak_mib'], '.1f'):>34}"
+              f"{common.fmt_spread(r['first_update_peak_mib'], '.1f'):>26}{common.fmt_spread(r['seconds']):>24}"
               f"{r['max_abs_error']:>12.2e}")
-    print(f"align / trl peak: {summary['peak_ratio_align_over_trl']:.3f}   (written to {args.output})")
+    print(f"align / trl peak: {common.fmt_spread(summary['peak_ratio_align_over_trl'], '.3f')}   (written to "
+          f"{args.output})")
 
 
 if __name__ == "__main__":
