@@ -35,10 +35,6 @@ class ConfigKeyError(ConfigError):
     def __reduce__(self):  # pickled by its parts (the default would call __init__ with the message alone)
         return type(self), (self.path, self.problem, self.joiner)
 
-    @property
-    def key(self) -> str:
-        return ".".join(self.path)
-
     def under(self, *outer: str) -> ConfigKeyError:
         """The same error one or more sections further out: `ConfigKeyError("beta", ...).under("objective")` names
         `objective.beta`."""
@@ -90,10 +86,11 @@ def _from_dict(cls, data: Any, path: tuple[str, ...], owner: str | None = None):
         raise ConfigKeyError((*path, missing[0]), "required key is missing")
     try:
         return cls(**kwargs)
-    except ConfigKeyError as e:  # a __post_init__ names keys relative to its own mapping
+    except ConfigKeyError as e:
+        # A __post_init__ names its keys relative to its own mapping (`beta`), or in full where the dataclass knows
+        # where it lives (DataConfig is always `data`; a section it validates itself under a full prefix, like
+        # precomputed's `reference.of.`): a key already under this mapping's is complete.
         if e.path[:len(path)] == path:
-            # ... except a nested section it validates with from_dict under its full prefix (reference kind
-            # precomputed's `of`, validated as "reference.of."), which is named already.
             raise
         raise e.under(*path) from None
     except ConfigError as e:
@@ -101,11 +98,11 @@ def _from_dict(cls, data: Any, path: tuple[str, ...], owner: str | None = None):
 
 
 def _post_init_error(message: str, fields, path: tuple[str, ...]) -> ConfigError:
-    """A plain `ConfigError` from a `__post_init__`, whose message starts with the field it is about ("beta must be
-    > 0", "num_samples: must be >= 1"), as a ConfigKeyError under `path`; one that names no field is about the
-    mapping as a whole ("objective: ...")."""
+    """A plain `ConfigError` from a `__post_init__` (one that does not carry its key as a ConfigKeyError), whose
+    message starts with the field it is about ("beta must be > 0", "num_samples: must be >= 1"), as a ConfigKeyError
+    under `path`; one that names no field is about the mapping as a whole ("objective: ...")."""
     if path and message.startswith(".".join(path) + "."):
-        return ConfigError(message)  # a key named in full already (reference.of.kind from precomputed's Params)
+        return ConfigError(message)  # names its key in full already ("data.train: ...", "reference.of.kind: ...")
     field_name, joiner, problem = re.match(r"([^\s:'\"]*)(:?\s?)(.*)", message, re.S).groups()
     if field_name in fields:
         return ConfigKeyError((*path, field_name), problem, joiner)

@@ -9,11 +9,10 @@ from typing import Any, ClassVar
 
 import torch
 
-from align.errors import ConfigError
 from align.logps import GroupLogps, PairLogps, batch_completion_keys
 from align.modeling import ModelConfig, is_peft_model
 from align.registry import Registry
-from align.schema import from_dict
+from align.schema import ConfigKeyError, from_dict
 
 #: kind -> Reference subclass (`reference.kind`; `auto` is resolved by `resolve_kind`).
 REFERENCES = Registry("kind")
@@ -76,8 +75,8 @@ class Reference(abc.ABC):
     def sampling_model(self, policy):
         """A module that samples from the reference a(y|x) with `generate` (the `best_of_n` target draws its reward
         distribution from it once). Kinds that hold no model of their own (`precomputed`) cannot."""
-        raise ConfigError(f"reference.kind: '{self.kind}' cannot sample completions; use frozen, peft_disabled or "
-                          "soup")
+        raise ConfigKeyError("reference.kind", f"'{self.kind}' cannot sample completions; use frozen, peft_disabled "
+                             "or soup")
         yield
 
     def on_step_end(self, policy, step: int) -> None:
