@@ -2,7 +2,7 @@
 """Benchmark: peak memory of one TR-DPO reference update under DeepSpeed ZeRO-3, align against TRL's way.
 
     python bench/tr_dpo_zero3_memory.py            # ~420 MB fp32 Llama, 2 CPU processes, 2 jobs per variant
-    python bench/tr_dpo_zero3_memory.py --quick    # small model, smoke run
+    python bench/tr_dpo_zero3_memory.py --quick    # small model, both variants in one job (tests/bench)
 
 What is compared (same model, same 2 processes, same α):
 - `align`: `TRDPOReference.on_step_end` — the policy is gathered one module at a time (`GatheredParameters` on the
@@ -13,9 +13,10 @@ What is compared (same model, same 2 processes, same α):
   full models are materialised on every rank at once.
 
 Both models are built partitioned under `deepspeed.zero.Init` (DS_ACCELERATOR=cpu, gloo), as `from_pretrained` does
-under a ZeRO-3 Trainer. Each variant runs in its own `torchrun` job so that peak memory is its own: a sampler thread
-reads the process RSS every millisecond during the update; the figure is the peak RSS during the update minus the
-RSS right before it (after `malloc_trim`, so freed heap is not reused unseen), per rank (max over ranks). Afterwards
+under a ZeRO-3 Trainer. Each variant runs in its own `torchrun` job so that peak memory is its own (`--quick`: one job
+measures align, then TRL, to keep the smoke run short): a sampler thread reads the process RSS every millisecond
+during the update; the figure is the peak RSS during the update minus the RSS right before it (after `malloc_trim`,
+so freed heap is not reused unseen), per rank (max over ranks). Afterwards
 each rank checks its reference partition against the formula `θ_ref ← α θ + (1 − α) θ_ref` applied to its partition
 before the update and the same slice of the policy (max abs error printed). `--repeats` jobs per variant run with the
 variants alternating (`common.interleaved`); the table gives the median over the jobs with min, max and spread
@@ -41,15 +42,25 @@ MODELS = {  # ~105M parameters = 420 MB fp32, untied embeddings (the embedding i
 ALPHA = 0.5
 
 
-def worker(variant: str, model_size: str, output: Path, threads: int) -> None:
+def worker(variants: list[str], model_size: str, output: Path, threads: int) -> None:
+    """One torchrun process: measures each of `variants` in turn (one per job, except with --quick)."""
+    import deepspeed
+    import torch
+
+    torch.set_num_threads(threads)
+    deepspeed.init_distributed(dist_backend="gloo")
+    for variant in variants:
+        measure_update(variant, model_size, output)
+        deepspeed.comm.barrier()
+
+
+def measure_update(variant: str, model_size: str, output: Path) -> None:
     import deepspeed
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from align.references import TRDPOReference, soft_update_reference
 
-    torch.set_num_threads(threads)
-    deepspeed.init_distributed(dist_backend="gloo")
     rank, world = deepspeed.comm.get_rank(), deepspeed.comm.get_world_size()
     # fp32 via the config, not `dtype=`: DeepSpeed 0.19's `Init._set_dtype` reads `dtype or torch.float16 if
     # fp16_supported else torch.bfloat16 ...`, so on a CPU accelerator an explicit dtype=torch.float32 becomes bf16.
@@ -117,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = common.bench_parser(__doc__, "tr_dpo_zero3_memory", threads=1, threads_help="torch threads per process",
                                  repeats_help="torchrun jobs per variant, the variants alternating (default: 2; "
                                               "quick: 1)")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs="+", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="full", help=argparse.SUPPRESS)
     parser.add_argument("--job", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -131,9 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     machine = common.machine()
 
     def job(variant: str, rep: int) -> dict:
-        """One torchrun job of 2 processes: the variant's two updates; the figures of its larger rank."""
-        common.run_torchrun(__file__, ["--worker", variant, "--model", model, "--output", str(args.output), "--job",
-                                       str(rep), "--threads", str(args.threads)], f"{variant} worker")
+        """One torchrun job of 2 processes: the variant's two updates; the figures of its larger rank. With --quick
+        one job measures both variants, align then TRL, to keep the smoke run short."""
+        if not args.quick or variant == VARIANTS[0]:
+            common.run_torchrun(__file__, ["--worker", *(VARIANTS if args.quick else [variant]), "--model", model,
+                                           "--output", str(args.output), "--job", str(rep), "--threads",
+                                           str(args.threads)], f"{variant} worker")
         ranks = []
         for rank in range(2):
             part = args.output.parent / f"{args.output.stem}.{rep}.{variant}.{rank}.json"
@@ -144,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         return {"per_rank": ranks, **{key: max(r[key] for r in ranks) for key in (
             "update_peak_mib", "first_update_peak_mib", "seconds", "max_abs_error")}}
 
-    runs = common.interleaved(VARIANTS, repeats, job)
+    runs = common.interleaved(VARIANTS, repeats, job) if not args.quick else {
+        v: [job(v, rep) for rep in range(repeats)] for v in VARIANTS}
     results = {variant: {**{key: common.spread(r[key] for r in rs) for key in (
         "update_peak_mib", "first_update_peak_mib", "seconds")}, "max_abs_error": max(r["max_abs_error"] for r in rs),
         "jobs": rs} for variant, rs in runs.items()}
