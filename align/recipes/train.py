@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import set_seed
+
 from align.config import TrainConfig, training_arguments_kwargs
 from align.data import build_preference_dataset, check_preference_data
 from align.io import SetupGuard, atomic_write_json
@@ -32,8 +34,6 @@ def train_pairs(config: TrainConfig) -> dict:
     Outputs under `training.output_dir`: `checkpoint-*/` (Trainer checkpoints, resumable), `final/` (the trained
     model and tokenizer, written atomically), `align_config.yaml` (the resolved recipe), `train_summary.json`.
     """
-    from transformers import set_seed
-
     init_deepspeed_on_cpu(config.training)
     # TrainingArguments first: with a ZeRO-3 `deepspeed` config it must exist before any model is loaded, so that
     # `from_pretrained` partitions the weights as it loads them.

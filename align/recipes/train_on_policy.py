@@ -1,9 +1,10 @@
 """The on-policy `align train` recipe (f-DPG, METHODS §5): prompts → policy, reference, target, reward, sampler →
 `OnPolicyTrainer` → final model, measured before and after.
 
-This is the recipe layer: the one place that wires concrete kinds together (a reward-model ensemble from
-`reward_models/`, the toy world's gold reward, a user's `module:function`). Everything is validated and every input
-is loaded (prompts, reward) before any policy is loaded, so bad input fails in seconds and writes nothing.
+As a recipe (`align.recipes`) it may wire concrete kinds together: the `reward:` section becomes a reward-model
+ensemble from `reward_models/`, the toy world's gold reward or a user's `module:function` (`build_reward`), which the
+core sees only as a `RewardFunction`. Everything is validated and every input is loaded (prompts, reward) before any
+policy is loaded, so bad input fails in seconds and writes nothing.
 
 Outputs under `training.output_dir`: `checkpoint-*/` (resumable), `final/` (model and tokenizer, atomic),
 `align_config.yaml` (the resolved recipe), `summary.json` (before/after measurement, the last logged metrics, the
@@ -16,26 +17,32 @@ import logging
 import time
 from pathlib import Path
 
+from transformers import set_seed
+
 from align.config import OnPolicyTrainConfig, config_to_dict
 from align.data import tokenize_prompts
 from align.io import SetupGuard, atomic_save_figure, atomic_write_json
 from align.modeling import load_tokenizer
+from align.onpolicy_trainer import OnPolicyTrainer, PromptDataset
 from align.prompts import load_prompts, prompts_source
-from align.rewards import RewardConfig, RewardFunction, load_callable_reward
 from align.recipes.common import RunStarted, build_policy_reference_objective, save_final
+from align.rewards import RewardConfig, RewardFunction, load_callable_reward
+from align.rollout import HFRollout, build_rollout
 from align.runs import check_output_dir, init_deepspeed_on_cpu, resume_point
+from align.targets import build_target
+from align.toy_world import gold_reward_function
+from align.trainer import training_arguments
 
 logger = logging.getLogger("align.recipes.train_on_policy")
 
 
 def build_reward(section: RewardConfig, tokenizer, prompts: list[str]) -> RewardFunction:
-    """The `reward:` section as a `RewardFunction` (recipe layer: it may import reward_models)."""
+    """The `reward:` section as a `RewardFunction`."""
     if section.kind == "toy_world":
-        from align.toy_world import gold_reward_function
-
         return gold_reward_function()
     if section.kind == "callable":
         return load_callable_reward(section.callable, "reward.callable")
+    # Imported for this kind only: a run with the toy world's or a user's reward never loads reward_models.
     from reward_models.ensemble import RewardEnsemble
     from reward_models.reward import EnsembleReward, check_tokenizers
 
@@ -49,13 +56,6 @@ def build_reward(section: RewardConfig, tokenizer, prompts: list[str]) -> Reward
 
 
 def train_on_policy(config: OnPolicyTrainConfig) -> dict:
-    from transformers import set_seed
-
-    from align.objectives import FDPG  # noqa: F401  (registers fdpg)
-    from align.onpolicy_trainer import OnPolicyTrainer, PromptDataset
-    from align.targets import build_target
-    from align.trainer import training_arguments
-
     start = time.time()
     init_deepspeed_on_cpu(config.training)
     args = training_arguments(config.training, seed=config.seed)
@@ -122,8 +122,6 @@ def train_on_policy(config: OnPolicyTrainConfig) -> dict:
 
 
 def _build_rollout(config: OnPolicyTrainConfig, policy, tokenizer):
-    from align.rollout import HFRollout, build_rollout
-
     if config.rollout.backend == "hf":
         # An untempered, untruncated sampler is the policy itself: its log-probs come from the training forward.
         return HFRollout(policy, tokenizer, batch_size=config.generation.batch_size,
