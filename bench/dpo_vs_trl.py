@@ -143,7 +143,8 @@ def training_kwargs(spec: dict, output_dir: str, max_steps: int, logging_steps: 
         "weight_decay": 0.0,
         "bf16": False,
         "fp16": False,
-        # transformers 5 name; `gradient_checkpointing` is its deprecated alias, and TRL 1.16 defaults it to True.
+        # align's name (and transformers >= 5.20's); `trl_config` passes it under the installed transformers' name.
+        # TRL 1.16 defaults it to True.
         "activation_checkpointing": False,
         # One process on CPU, on both sides (no process group: a `ddp_backend` without torchrun cannot start).
         "use_cpu": True,
@@ -160,7 +161,11 @@ def training_kwargs(spec: dict, output_dir: str, max_steps: int, logging_steps: 
 def trl_config(spec: dict, output_dir: str, max_steps: int, logging_steps: int):
     from trl import DPOConfig
 
-    return DPOConfig(**training_kwargs(spec, output_dir, max_steps, logging_steps), beta=BETA,
+    from align.config import installed_training_key
+
+    kwargs = training_kwargs(spec, output_dir, max_steps, logging_steps)
+    kwargs[installed_training_key("activation_checkpointing")] = kwargs.pop("activation_checkpointing")
+    return DPOConfig(**kwargs, beta=BETA,
                      loss_type=["sigmoid"], max_length=MAX_LENGTH, disable_dropout=True,
                      precompute_ref_log_probs=False)
 
@@ -255,6 +260,8 @@ def measure_steps(framework: str, workload: str, spec: dict, model_dir: str) -> 
     """Steps/s, memory and the step-0 sanity figures of one framework on one workload."""
     import torch
 
+    from align.config import installed_training_key
+
     timer = common.step_timer(spec["warmup"], spec["steps"])
     output_dir = tempfile.mkdtemp(prefix=f"bench-{framework}-{workload}-")
     try:
@@ -269,7 +276,7 @@ def measure_steps(framework: str, workload: str, spec: dict, model_dir: str) -> 
         # What the bench promises about both runs, checked on the objects that train.
         settings_used = {
             "bf16": bool(trainer.args.bf16), "fp16": bool(trainer.args.fp16),
-            "activation_checkpointing": bool(trainer.args.activation_checkpointing),
+            "activation_checkpointing": bool(getattr(trainer.args, installed_training_key("activation_checkpointing"))),
             "model_dtype": str(trainer.model.dtype),
             "attn_implementation": trainer.model.config._attn_implementation,
             "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),
