@@ -6,6 +6,8 @@ Log-probs are fp32 whatever the model's dtype (METHODS.md §0).
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,18 +84,21 @@ def group_completion_keys(num_completions: int) -> tuple[str, ...]:
 # Shared-prompt packing.
 #
 # TRL's DPO forward concatenates [prompt+chosen ; prompt+rejected] along the batch, so every prompt token is
-# computed twice in the policy forward and backward and twice again in the reference forward. We instead pack each
-# pair into ONE row and let a custom 4D attention mask keep the two completions apart:
+# computed twice in the policy forward and backward and twice again in the reference forward, and every row is
+# padded to the longest. We instead write each example ONCE as one segment, [prompt | completion 0 | completion 1 …],
+# and pack segments into rows (first-fit decreasing):
 #
-#   row i:  [pad ... pad | prompt_i | chosen_i  pad... | rejected_i  pad... ]
-#           <-- P_max ----------------><-- C_1 max ------><-- C_2 max --------->
+#   row 0:  [ prompt_3 | chosen_3 | rejected_3 | prompt_0 | chosen_0 | rejected_0 | pad ]
+#   row 1:  [ prompt_1 | chosen_1 | rejected_1 | prompt_2 | chosen_2 | rejected_2 | pad pad pad ]
 #
-# Prompts are left-padded so that every prompt ends at column P_max − 1 and every completion block starts at the same
-# column in every row. Then the logits we need (the last prompt position and the completion blocks) are the trailing
-# `L − P_max + 1` columns, which `logits_to_keep` gives us without computing logits for prompt tokens. Position ids
-# restart after the prompt for every completion, so each completion sees exactly the positions it would see alone.
-# Mask rule: a query may attend to an earlier (or the same) key that is a prompt token or lies in its own segment.
-# The model is called through its top-level forward, so DDP / DeepSpeed / PEFT wrappers behave as usual.
+# (Rows may be wider than the longest segment when that places fewer tokens: `_pack_rows`.)
+# A 4D attention mask keeps segments and completions apart: a query may attend to an earlier (or the same) key of
+# its own example that is a prompt token or lies in its own completion. Position ids restart at len(prompt) for
+# every completion, so each completion sees exactly the positions it would see alone. Logits are computed only at
+# the positions that predict a completion token (a pre-hook on the output embedding gathers those hidden states),
+# so prompt tokens, padding and the other completions cost no vocabulary projection. The model is called through
+# its top-level forward, so DDP / DeepSpeed / PEFT wrappers behave as usual. With variable lengths this removes the
+# padding of aligned blocks (measured in bench/dpo_vs_trl.py, workload `short`).
 # ---------------------------------------------------------------------------------------------------------------
 
 PAD_SEGMENT, PROMPT_SEGMENT = 0, 1  # completion k (0-based) has segment id k + 2
@@ -108,13 +113,20 @@ class SharedPromptCollator:
     Args:
         pad_token_id: id written into padding positions (never attended to, never scored).
         completion_keys: the example fields holding completions, in block order.
-        pad_to_multiple_of: round each block's width up to a multiple of this (helps tensor cores on GPU).
+        pad_to_multiple_of: round the row width up to a multiple of this (helps tensor cores on GPU).
 
-    Returns a batch dict:
-        input_ids `[B, L]` long, position_ids `[B, L]` long, segment_ids `[B, L]` long (0 pad, 1 prompt, k+2 block k),
-        prompt_width: int P_max, block_widths: list[int] widths C_k of the completion blocks,
+    Returns a batch dict for N examples packed into R rows of width W:
+        input_ids `[R, W]` long, position_ids `[R, W]` long,
+        segment_ids `[R, W]` long (0 pad, 1 prompt, k+2 completion k),
+        example_ids `[R, W]` long (the example a token belongs to, -1 on padding),
         completion_keys: list[str], the completion keys in block order,
-        `{key}_mask` `[B, C_k]` bool: True on the real tokens of block k.
+        block_widths: list[int], C_k = the longest completion of block k (at least 1),
+        `{key}_mask` `[N, C_k]` bool: True on the real tokens of example n's completion k,
+        target_index `[T]` long: flat position (row * W + column) of every completion token, block by block, example
+            by example, in token order (the order of the True entries of the masks),
+        source_index `[T]` long: flat position of the token that predicts it (the last prompt token for a
+            completion's first token),
+        block_tokens: list[int], how many of the T tokens each block has.
     """
 
     def __init__(self, pad_token_id: int, completion_keys=("chosen_input_ids", "rejected_input_ids"),
@@ -123,56 +135,116 @@ class SharedPromptCollator:
         self.completion_keys = tuple(completion_keys)
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def _width(self, n: int) -> int:
-        m = self.pad_to_multiple_of
-        return n if not m else -(-n // m) * m
-
     def __call__(self, examples: list[dict]) -> dict:
-        B = len(examples)
+        N = len(examples)
         prompts = [ex["prompt_input_ids"] for ex in examples]
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (its last position predicts the first "
                              "completion token)")
-        P = max(len(p) for p in prompts)
         blocks = [[ex[k] for ex in examples] for k in self.completion_keys]
-        widths = [self._width(max(1, max(len(c) for c in block))) for block in blocks]
-        L = P + sum(widths)
-        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((B, L), dtype=torch.long)
-        segment_ids = torch.zeros((B, L), dtype=torch.long)
-        batch = {}
-        for i, prompt in enumerate(prompts):
-            n = len(prompt)
-            input_ids[i, P - n:P] = torch.tensor(prompt)
-            position_ids[i, P - n:P] = torch.arange(n)
-            segment_ids[i, P - n:P] = PROMPT_SEGMENT
-        start = P
-        for k, (key, block, width) in enumerate(zip(self.completion_keys, blocks, widths)):
-            mask = torch.zeros((B, width), dtype=torch.bool)
-            for i, completion in enumerate(block):
-                n, p = len(completion), len(prompts[i])
-                input_ids[i, start:start + n] = torch.tensor(completion, dtype=torch.long)
-                position_ids[i, start:start + n] = torch.arange(p, p + n)
-                segment_ids[i, start:start + n] = k + 2
-                mask[i, :n] = True
+        lengths = [len(p) + sum(len(block[n]) for block in blocks) for n, p in enumerate(prompts)]
+        row_of, start_of, W = _pack_rows(lengths, self.pad_to_multiple_of)
+        R = max(row_of) + 1
+        input_ids = torch.full((R, W), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((R, W), dtype=torch.long)
+        segment_ids = torch.zeros((R, W), dtype=torch.long)
+        example_ids = torch.full((R, W), -1, dtype=torch.long)
+        block_starts = []  # [n][k] column where example n's completion k starts
+        for n, prompt in enumerate(prompts):
+            r, col, p = row_of[n], start_of[n], len(prompt)
+            input_ids[r, col:col + p] = torch.tensor(prompt, dtype=torch.long)
+            position_ids[r, col:col + p] = torch.arange(p)
+            segment_ids[r, col:col + p] = PROMPT_SEGMENT
+            example_ids[r, col:col + lengths[n]] = n
+            col += p
+            starts = []
+            for k, block in enumerate(blocks):
+                c = len(block[n])
+                input_ids[r, col:col + c] = torch.tensor(block[n], dtype=torch.long)
+                position_ids[r, col:col + c] = torch.arange(p, p + c)
+                segment_ids[r, col:col + c] = k + 2
+                starts.append(col)
+                col += c
+            block_starts.append(starts)
+        batch, targets, sources, block_tokens, widths = {}, [], [], [], []
+        for k, (key, block) in enumerate(zip(self.completion_keys, blocks)):
+            width = max(1, max(len(c) for c in block))
+            mask = torch.zeros((N, width), dtype=torch.bool)
+            count = 0
+            for n, completion in enumerate(block):
+                c = len(completion)
+                mask[n, :c] = True
+                first = row_of[n] * W + block_starts[n][k]
+                last_prompt = row_of[n] * W + start_of[n] + len(prompts[n]) - 1
+                targets.extend(range(first, first + c))
+                sources.extend([last_prompt, *range(first, first + c - 1)][:c])
+                count += c
             batch[key.removesuffix("_input_ids") + "_mask"] = mask
-            start += width
-        batch.update(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids,
-                     prompt_width=P, block_widths=widths, completion_keys=list(self.completion_keys))
+            block_tokens.append(count)
+            widths.append(width)
+        batch.update(input_ids=input_ids, position_ids=position_ids, segment_ids=segment_ids, example_ids=example_ids,
+                     completion_keys=list(self.completion_keys), block_widths=widths, block_tokens=block_tokens,
+                     target_index=torch.tensor(targets, dtype=torch.long),
+                     source_index=torch.tensor(sources, dtype=torch.long))
         return batch
 
 
-def shared_prompt_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """`[B, 1, L, L]` bool mask, True where query i may attend key j (see the layout note above).
+#: Row widths tried by the packer, as multiples of the longest segment. Wider rows hold more short segments and waste
+#: less padding when lengths vary (responses of 8-48 words: 734 -> 684 placed tokens per batch of 8), but attention
+#: over a row costs W^2 and equal lengths pack no better, so the packer keeps the width that places fewest tokens.
+_ROW_WIDTH_FACTORS = (1.0, 1.25, 1.5, 1.75, 2.0)
+
+
+def _pack_rows(lengths: list[int], multiple: int | None) -> tuple[list[int], list[int], int]:
+    """First-fit decreasing packing of segments of `lengths` tokens into rows → (row of each segment, its start column,
+    the row width W). Each width W in `_ROW_WIDTH_FACTORS` x the longest segment (rounded up to `multiple`) is tried
+    and the one with the fewest placed tokens (rows x W) is kept, the narrowest on a tie. Deterministic."""
+    best = None
+    order = sorted(range(len(lengths)), key=lambda n: -lengths[n])
+    for factor in _ROW_WIDTH_FACTORS:
+        W = math.ceil(max(lengths) * factor)
+        if multiple:
+            W = -(-W // multiple) * multiple
+        row_of, start_of, fill = [0] * len(lengths), [0] * len(lengths), []
+        for n in order:
+            r = next((r for r, used in enumerate(fill) if used + lengths[n] <= W), len(fill))
+            if r == len(fill):
+                fill.append(0)
+            row_of[n], start_of[n] = r, fill[r]
+            fill[r] += lengths[n]
+        if best is None or len(fill) * W < best[0]:
+            best = len(fill) * W, (row_of, start_of, W)
+    return best[1]
+
+
+def shared_prompt_attention_mask(segment_ids: torch.Tensor, example_ids: torch.Tensor) -> torch.Tensor:
+    """`[R, 1, W, W]` bool mask, True where query i may attend key j (see the layout note above).
 
     Padding queries attend to themselves only, so no softmax row is empty (no NaN).
     """
-    L = segment_ids.shape[1]
+    W = segment_ids.shape[1]
     q, k = segment_ids[:, :, None], segment_ids[:, None, :]
-    causal = torch.ones(L, L, dtype=torch.bool, device=segment_ids.device).tril_()
-    allowed = causal & (k != PAD_SEGMENT) & ((k == PROMPT_SEGMENT) | (k == q))
-    allowed |= torch.eye(L, dtype=torch.bool, device=segment_ids.device)
+    causal = torch.ones(W, W, dtype=torch.bool, device=segment_ids.device).tril_()
+    same_example = (example_ids[:, :, None] == example_ids[:, None, :]) & (example_ids[:, None, :] >= 0)
+    allowed = causal & same_example & ((k == PROMPT_SEGMENT) | (k == q))
+    allowed |= torch.eye(W, dtype=torch.bool, device=segment_ids.device)
     return allowed[:, None]
+
+
+def packed_examples(batch: dict) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """The token ids of every example of a `SharedPromptCollator` batch, read back from its rows:
+    N × `(prompt ids [p], [completion k ids [c_k] for each block k])` (on the batch's device)."""
+    ids = batch["input_ids"].reshape(-1)
+    segments, owners = batch["segment_ids"].reshape(-1), batch["example_ids"].reshape(-1)
+    keys = batch_completion_keys(batch)
+    masks = [batch[key.removesuffix("_input_ids") + "_mask"] for key in keys]
+    completions, start = [], 0
+    for mask, count in zip(masks, batch["block_tokens"]):
+        tokens = ids[batch["target_index"][start:start + count]]
+        completions.append(tokens.split(mask.sum(-1).tolist()))
+        start += count
+    return [(ids[(owners == n) & (segments == PROMPT_SEGMENT)], [block[n] for block in completions])
+            for n in range(masks[0].shape[0])]
 
 
 def _attention_implementation(model) -> str:
@@ -182,16 +254,45 @@ def _attention_implementation(model) -> str:
     return getattr(config, "_attn_implementation", None) or "eager"
 
 
+def _output_embeddings(model) -> torch.nn.Module | None:
+    """The module that maps hidden states to logits, through DDP / DeepSpeed / PEFT wrappers; None if unknown."""
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+        model = model.module
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if get is not None else None
+
+
+@contextlib.contextmanager
+def _logits_only_at(model, index: torch.Tensor):
+    """Within the block, the model's vocabulary projection sees only the hidden states at flat positions `index`
+    `[T]` of its `[R, W, d]` input (as `[1, T, d]`): logits are computed for the T scored positions and nothing else.
+    Yields a list that holds True once the projection ran this way (False: the model computed logits some other
+    way, and the caller gathers from full `[R, W, V]` logits)."""
+    head, fired = _output_embeddings(model), [False]
+
+    def gather(module, args):
+        hidden = args[0]
+        fired[0] = True
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)[None], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather) if head is not None else None
+    try:
+        yield fired
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def completion_token_logps(model, batch: dict, completion_keys=("chosen_input_ids", "rejected_input_ids"),
                            temperature: float = 1.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Runs one forward over a shared-prompt batch and returns, per completion block k, `(logps [B, C_k], mask [B, C_k])`.
+    """Runs one forward over a shared-prompt batch and returns, per completion block k, `(logps [N, C_k], mask [N, C_k])`.
 
-    `logps` are fp32 log π(y_t | x, y_<t) at the block's tokens (0 where the mask is False). The forward computes
-    logits only for the trailing completion columns; the log-softmax is done row by row in fp32 so the full-vocab
-    fp32 copy never exists for the whole batch at once.
+    `logps` are fp32 log π(y_t | x, y_<t) at the block's tokens (0 where the mask is False). Logits are computed only
+    at the T positions that predict a completion token; the log-softmax is done in fp32 chunks of tokens so the
+    full-vocab fp32 copy never exists for all T at once.
     """
     segment_ids, input_ids = batch["segment_ids"], batch["input_ids"]
-    allowed = shared_prompt_attention_mask(segment_ids)
+    allowed = shared_prompt_attention_mask(segment_ids, batch["example_ids"])
     impl = _attention_implementation(model)
     if impl == "eager":
         dtype = next(iter(model.parameters())).dtype if hasattr(model, "parameters") else torch.float32
@@ -202,40 +303,30 @@ def completion_token_logps(model, batch: dict, completion_keys=("chosen_input_id
     else:
         raise ValueError(f"attn_implementation '{impl}' cannot take align's shared-prompt attention mask; "
                          f"use one of {MASKABLE_ATTENTION}")
-    P, widths = batch["prompt_width"], batch["block_widths"]
-    n_keep = input_ids.shape[1] - P + 1  # last prompt column + all completion blocks
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=batch["position_ids"],
-                   logits_to_keep=n_keep, use_cache=False).logits  # [B, n_keep, V]
-    V = logits.shape[-1]
-    # Every completion token of every block at once: token t of a block is predicted from kept column start + t,
-    # token 0 from the last prompt column (kept column 0).
-    srcs, start = [], 0
-    for width in widths:
-        src = torch.arange(start, start + width, device=logits.device)
-        src[0] = 0
-        srcs.append(src)
-        start += width
-    src = torch.cat(srcs)  # [T]
-    flat_index = src * V + input_ids[:, P:P + start]  # [B, T] into each row's flattened [n_keep * V] logits
+    source, target = batch["source_index"], batch["target_index"]
+    with _logits_only_at(model, source) as gathered:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=batch["position_ids"],
+                       use_cache=False).logits
+    logits = logits[0] if gathered[0] else logits.reshape(-1, logits.shape[-1]).index_select(0, source)  # [T, V]
+    labels = input_ids.reshape(-1)[target]  # [T]
     parts = []
-    # `split` (not per-row indexing): its backward is a single cat, where indexing row i would zero-fill and
-    # accumulate a full [B, n_keep, V] gradient for every row. Chunks bound the fp32 copy of half-precision logits.
-    for chunk, index in zip(logits.split(_LOGPS_ROWS_PER_CHUNK), flat_index.split(_LOGPS_ROWS_PER_CHUNK)):
+    # `split` (not indexing): its backward is a single cat. Chunks bound the fp32 copy of half-precision logits.
+    for chunk, chunk_labels in zip(logits.split(_LOGPS_TOKENS_PER_CHUNK), labels.split(_LOGPS_TOKENS_PER_CHUNK)):
         chunk = chunk.float()
         if temperature != 1.0:
             chunk = chunk / temperature
-        lse = torch.logsumexp(chunk, dim=-1)  # [c, n_keep]
-        parts.append(chunk.reshape(chunk.shape[0], -1).gather(1, index) - lse[:, src])
-    token_logps = torch.cat(parts)  # [B, T]
+        parts.append(chunk.gather(1, chunk_labels[:, None])[:, 0] - torch.logsumexp(chunk, dim=-1))
+    token_logps = torch.cat(parts) if parts else logits.new_zeros(0, dtype=torch.float32)  # [T]
     out, start = [], 0
-    for key, width in zip(completion_keys, widths):
+    for key, count in zip(completion_keys, batch["block_tokens"]):
         mask = batch[key.removesuffix("_input_ids") + "_mask"]
-        out.append((token_logps[:, start:start + width].masked_fill(~mask, 0.0), mask))
-        start += width
+        logps = token_logps.new_zeros(mask.shape).masked_scatter(mask, token_logps[start:start + count])
+        out.append((logps, mask))
+        start += count
     return out
 
 
-_LOGPS_ROWS_PER_CHUNK = 8
+_LOGPS_TOKENS_PER_CHUNK = 1024
 
 
 def pair_logps(model, batch: dict) -> PairLogps:

@@ -1,7 +1,7 @@
 """align.logps: the shared-prompt packing, its attention mask, and exactness of the packed log-probs.
 
-The packed forward (one row per pair: prompt once, then the chosen and the rejected block behind a custom 4D mask)
-must give the same per-token log-probs and gradients as running `prompt + completion` through the model alone.
+The packed forward (each pair one segment, prompt once, then the chosen and the rejected completion; several
+segments per row; a custom 4D mask keeps them apart) must give the same per-token log-probs and gradients as running `prompt + completion` through the model alone.
 A freshly initialised tiny Llama has near-uniform outputs (weights of std 0.02), which would let a wrong mask pass
 unnoticed, so these tests scale its matrices up (`sharp_model`) and check that a wrong mask *is* detected.
 """
@@ -20,6 +20,7 @@ from align.logps import (
     completion_token_logps,
     group_completion_keys,
     group_logps,
+    packed_examples,
     pair_logps,
     score_completions,
     shared_prompt_attention_mask,
@@ -28,8 +29,10 @@ from align.logps import (
 TOL = 1e-5
 IMPLS = ["sdpa", "eager"]
 
-# (prompt, chosen, rejected) lengths: every prompt length and both completion orders differ across rows.
-LENGTHS = [(3, 5, 2), (7, 1, 6), (1, 4, 4), (5, 3, 7)]
+# (prompt, chosen, rejected) lengths: every prompt length and both completion orders differ across examples; the
+# last two are short enough to share a row with another example (segments of 10, 14, 9, 15, 3 and 5 tokens: rows of
+# 19 place fewer tokens than rows of 15, [15 3] [14 5] [10 9]).
+LENGTHS = [(3, 5, 2), (7, 1, 6), (1, 4, 4), (5, 3, 7), (1, 1, 1), (2, 2, 1)]
 
 
 
@@ -86,67 +89,87 @@ def test_collator_layout():
     examples = [
         {"prompt_input_ids": [11, 12, 13], "chosen_input_ids": [31, 32], "rejected_input_ids": [51]},
         {"prompt_input_ids": [21], "chosen_input_ids": [41, 42, 43], "rejected_input_ids": [61, 62]},
+        {"prompt_input_ids": [71], "chosen_input_ids": [81], "rejected_input_ids": [91]},
     ]
     batch = SharedPromptCollator(pad_token_id=0)(examples)
-    assert batch["prompt_width"] == 3 and batch["block_widths"] == [3, 2]
-    #                  |-- prompt --|  |-- chosen --|  |rejected|
-    expected_ids = [[11, 12, 13, 31, 32, 0, 51, 0],
-                    [0, 0, 21, 41, 42, 43, 61, 62]]
-    expected_pos = [[0, 1, 2, 3, 4, 0, 3, 0],
-                    [0, 0, 0, 1, 2, 3, 1, 2]]  # every completion restarts at len(prompt)
-    expected_seg = [[1, 1, 1, 2, 2, 0, 3, 0],
-                    [0, 0, 1, 2, 2, 2, 3, 3]]
+    # Segments of 6, 6 and 3 tokens; rows as wide as the longest (6). First-fit decreasing: example 0 fills row 0,
+    # example 1 fills row 1, example 2 opens row 2.
+    #                  |- prompt -| chosen | rej |
+    expected_ids = [[11, 12, 13, 31, 32, 51],
+                    [21, 41, 42, 43, 61, 62],
+                    [71, 81, 91, 0, 0, 0]]
+    expected_pos = [[0, 1, 2, 3, 4, 3],
+                    [0, 1, 2, 3, 1, 2],
+                    [0, 1, 1, 0, 0, 0]]  # every completion restarts at len(prompt)
+    expected_seg = [[1, 1, 1, 2, 2, 3],
+                    [1, 2, 2, 2, 3, 3],
+                    [1, 2, 3, 0, 0, 0]]
     assert batch["input_ids"].tolist() == expected_ids
     assert batch["position_ids"].tolist() == expected_pos
     assert batch["segment_ids"].tolist() == expected_seg
-    assert batch["chosen_mask"].tolist() == [[True, True, False], [True, True, True]]
-    assert batch["rejected_mask"].tolist() == [[True, False], [True, True]]
-    for key in ("input_ids", "position_ids", "segment_ids"):
+    assert batch["example_ids"].tolist() == [[0] * 6, [1] * 6, [2, 2, 2, -1, -1, -1]]
+    assert batch["block_widths"] == [3, 2] and batch["block_tokens"] == [6, 4]
+    assert batch["chosen_mask"].tolist() == [[True, True, False], [True, True, True], [True, False, False]]
+    assert batch["rejected_mask"].tolist() == [[True, False], [True, True], [True, False]]
+    # Completion tokens block by block, example by example; each predicted by the token before it in its own
+    # completion, the first by the last prompt token.
+    assert batch["target_index"].tolist() == [3, 4, 7, 8, 9, 13, 5, 10, 11, 14]
+    assert batch["source_index"].tolist() == [2, 3, 6, 7, 8, 12, 2, 6, 10, 12]
+    for key in ("input_ids", "position_ids", "segment_ids", "example_ids", "target_index", "source_index"):
         assert batch[key].dtype == torch.long
     assert batch["chosen_mask"].dtype == torch.bool
 
 
+def test_collator_packs_short_examples_into_shared_rows():
+    """Segments that fit together share a row (first-fit decreasing), so variable lengths cost little padding; a
+    wider row is taken only when it places fewer tokens (here 3 x 20 = 60: rows of 25 would need 3, of 30 two)."""
+    lengths = [(2, 9, 9), (2, 1, 1), (2, 2, 2), (3, 4, 3), (1, 1, 1), (2, 3, 3)]  # 20, 4, 6, 10, 3, 8 tokens
+    g = torch.Generator().manual_seed(3)
+    examples = [{"prompt_input_ids": random_ids(p, g), "chosen_input_ids": random_ids(c, g),
+                 "rejected_input_ids": random_ids(r, g)} for p, c, r in lengths]
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    assert batch["input_ids"].shape == (3, 20)  # rows: [20], [10 8], [6 4 3] - 51 tokens in 60 places, not 6 x 20
+    assert (batch["example_ids"] >= 0).sum() == 51
+    assert [sorted(set(row.tolist()) - {-1}) for row in batch["example_ids"]] == [[0], [3, 5], [1, 2, 4]]
+    for n, (prompt, completions) in enumerate(packed_examples(batch)):
+        assert prompt.tolist() == examples[n]["prompt_input_ids"]
+        assert [c.tolist() for c in completions] == [examples[n]["chosen_input_ids"], examples[n]["rejected_input_ids"]]
+
+
 def test_collator_invariants_on_ragged_batch(examples):
     batch = SharedPromptCollator(pad_token_id=0)(examples)
-    P, (C, R) = batch["prompt_width"], batch["block_widths"]
-    assert P == max(p for p, _, _ in LENGTHS) and C == max(c for _, c, _ in LENGTHS)
-    assert R == max(r for _, _, r in LENGTHS)
-    assert batch["input_ids"].shape == (len(examples), P + C + R)
-    for i, ex in enumerate(examples):
+    assert batch["input_ids"].shape == (3, 19)
+    assert batch["block_widths"] == [max(c for _, c, _ in LENGTHS), max(r for _, _, r in LENGTHS)]
+    ids, pos, seg, owner = (batch[k].reshape(-1) for k in ("input_ids", "position_ids", "segment_ids", "example_ids"))
+    for n, ex in enumerate(examples):
         p, c, r = (ex[k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
-        ids, pos, seg = batch["input_ids"][i], batch["position_ids"][i], batch["segment_ids"][i]
-        # Left-padded prompt ending at column P - 1; completion blocks start at the same columns in every row.
-        assert ids[P - len(p):P].tolist() == p and (seg[:P - len(p)] == PAD_SEGMENT).all()
-        assert ids[P:P + len(c)].tolist() == c and ids[P + C:P + C + len(r)].tolist() == r
-        assert pos[P - len(p):P].tolist() == list(range(len(p)))
-        assert pos[P:P + len(c)].tolist() == list(range(len(p), len(p) + len(c)))
-        assert pos[P + C:P + C + len(r)].tolist() == list(range(len(p), len(p) + len(r)))
-        assert (seg[P - len(p):P] == PROMPT_SEGMENT).all()
-        assert (seg[P:P + len(c)] == 2).all() and (seg[P + len(c):P + C] == PAD_SEGMENT).all()
-        assert (seg[P + C:P + C + len(r)] == 3).all() and (seg[P + C + len(r):] == PAD_SEGMENT).all()
-        assert (ids[seg == PAD_SEGMENT] == 0).all()
-        assert batch["chosen_mask"][i].tolist() == [t < len(c) for t in range(C)]
-        assert batch["rejected_mask"][i].tolist() == [t < len(r) for t in range(R)]
+        mine = (owner == n).nonzero()[:, 0]
+        # One contiguous segment per example: prompt, chosen, rejected.
+        assert mine.tolist() == list(range(int(mine[0]), int(mine[0]) + len(p) + len(c) + len(r)))
+        assert ids[mine].tolist() == p + c + r
+        assert pos[mine].tolist() == list(range(len(p))) + list(range(len(p), len(p) + len(c))) + list(
+            range(len(p), len(p) + len(r)))
+        assert seg[mine].tolist() == [PROMPT_SEGMENT] * len(p) + [2] * len(c) + [3] * len(r)
+        assert batch["chosen_mask"][n].tolist() == [t < len(c) for t in range(batch["block_widths"][0])]
+        assert batch["rejected_mask"][n].tolist() == [t < len(r) for t in range(batch["block_widths"][1])]
+    assert (ids[owner == -1] == 0).all() and (seg[owner == -1] == PAD_SEGMENT).all()
 
 
 def test_collator_pad_to_multiple_of(examples):
     plain = SharedPromptCollator(pad_token_id=0)(examples)
-    padded = SharedPromptCollator(pad_token_id=0, pad_to_multiple_of=4)(examples)
-    assert plain["block_widths"] == [5, 7]
-    assert padded["block_widths"] == [8, 8]  # each completion block rounded up; the prompt width is not
-    assert padded["prompt_width"] == plain["prompt_width"] == 7
-    assert padded["input_ids"].shape[1] == 7 + 16
-    assert padded["chosen_mask"].sum() == plain["chosen_mask"].sum()
-    assert padded["rejected_mask"].sum() == plain["rejected_mask"].sum()
-    assert padded["chosen_mask"][:, :5].equal(plain["chosen_mask"])
+    padded = SharedPromptCollator(pad_token_id=0, pad_to_multiple_of=8)(examples)
+    assert plain["input_ids"].shape[1] == 19 and padded["input_ids"].shape[1] == 16  # rounded up: 4 x 16 < 3 x 24
+    assert padded["block_widths"] == plain["block_widths"] == [5, 7]
+    assert padded["chosen_mask"].equal(plain["chosen_mask"]) and padded["rejected_mask"].equal(plain["rejected_mask"])
 
 
 def test_collator_custom_keys_and_empty_blocks():
     collate = SharedPromptCollator(pad_token_id=9, completion_keys=("completion_input_ids",))
-    batch = collate([{"prompt_input_ids": [5], "completion_input_ids": []}])
+    batch = collate([{"prompt_input_ids": [5], "completion_input_ids": []},
+                     {"prompt_input_ids": [6, 7], "completion_input_ids": []}])
     assert batch["block_widths"] == [1]  # an all-empty block still gets one (masked) column
-    assert batch["completion_mask"].tolist() == [[False]]
-    assert batch["input_ids"].tolist() == [[5, 9]]
+    assert batch["completion_mask"].tolist() == [[False], [False]]
+    assert batch["input_ids"].tolist() == [[6, 7, 5]] and batch["target_index"].numel() == 0  # one row of 3, not 2 of 2
 
 
 def test_collator_rejects_empty_prompt():
@@ -160,19 +183,24 @@ def test_collator_rejects_empty_prompt():
 
 
 def test_attention_mask_rule(examples):
-    seg = SharedPromptCollator(pad_token_id=0)(examples)["segment_ids"]
-    allowed = shared_prompt_attention_mask(seg)
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    seg, owner = batch["segment_ids"], batch["example_ids"]
+    assert (owner.max(-1).values != owner.masked_fill(owner < 0, 99).min(-1).values).any()  # a shared row exists
+    allowed = shared_prompt_attention_mask(seg, owner)
     B, L = seg.shape
     assert allowed.shape == (B, 1, L, L) and allowed.dtype == torch.bool
     allowed = allowed[:, 0]
     for b in range(B):
-        s = seg[b].tolist()
+        s, o = seg[b].tolist(), owner[b].tolist()
         for q in range(L):
             for k in range(L):
-                want = q == k or (k <= q and s[k] != PAD_SEGMENT and (s[k] == PROMPT_SEGMENT or s[k] == s[q]))
+                want = q == k or (k <= q and s[k] != PAD_SEGMENT and o[k] == o[q]
+                                  and (s[k] == PROMPT_SEGMENT or s[k] == s[q]))
                 assert bool(allowed[b, q, k]) == want, (b, q, k)
     q_seg, k_seg = seg[:, :, None].expand(B, L, L), seg[:, None, :].expand(B, L, L)
-    # Rejected (segment 3) never sees chosen (segment 2), nor chosen rejected.
+    other = owner[:, :, None] != owner[:, None, :]
+    # No example sees another; rejected (segment 3) never sees chosen (segment 2), nor chosen rejected.
+    assert not allowed[other].any()
     assert not allowed[(q_seg == 3) & (k_seg == 2)].any()
     assert not allowed[(q_seg == 2) & (k_seg == 3)].any()
     # Nothing attends padding, except each pad position itself (so no softmax row is empty).
@@ -181,7 +209,7 @@ def test_attention_mask_rule(examples):
     assert allowed[eye].all() and allowed.any(-1).all()
     # Causal, and completions see their whole prompt.
     assert not allowed.triu(1).any()
-    assert allowed[(q_seg >= 2) & (k_seg == PROMPT_SEGMENT)].all()
+    assert allowed[(q_seg >= 2) & (k_seg == PROMPT_SEGMENT) & ~other].all()
 
 
 def test_unsupported_attention_implementation_is_rejected(examples):
@@ -244,6 +272,49 @@ def test_wrong_mask_would_be_detected(any_model, examples):
         good, bad = pair_logps(any_model, batch), pair_logps(any_model, leaky)
     assert (good.rejected - bad.rejected).abs().max() > 0.1
     torch.testing.assert_close(good.chosen, bad.chosen, rtol=0, atol=TOL)  # chosen comes first: unaffected
+
+
+def test_cross_example_attention_would_be_detected(any_model, examples):
+    """Power check: letting the second example of a shared row see the first changes its log-probs."""
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    owners = batch["example_ids"]
+    shared = [r for r in range(len(owners)) if len(set(owners[r].tolist()) - {-1}) > 1]
+    assert shared
+    leaky = batch["example_ids"].clone()
+    for r in shared:
+        leaky[r][leaky[r] >= 0] = leaky[r][0]
+    with torch.no_grad():
+        good, bad = pair_logps(any_model, batch), pair_logps(any_model, dict(batch, example_ids=leaky))
+    second = [int(owners[r][owners[r] >= 0][-1]) for r in shared]
+    assert (good.chosen[second] - bad.chosen[second]).abs().max() > 0.1
+
+
+def test_logits_are_computed_only_at_scored_positions(sharp_model, examples):
+    """The vocabulary projection sees the T positions that predict a completion token, not the R x W grid; a model
+    without `get_output_embeddings` gets the same log-probs from its full logits."""
+    batch = SharedPromptCollator(pad_token_id=0)(examples)
+    shapes = []
+    handle = sharp_model.get_output_embeddings().register_forward_hook(lambda m, a, out: shapes.append(out.shape))
+    try:
+        with torch.no_grad():
+            fast = pair_logps(sharp_model, batch)
+    finally:
+        handle.remove()
+    T = sum(c + r for _, c, r in LENGTHS)
+    assert shapes == [(1, T, sharp_model.config.vocab_size)]
+
+    class NoHead(torch.nn.Module):  # a wrapper that hides the output embedding: logits come back for every position
+        def __init__(self, model):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    with torch.no_grad():
+        full = pair_logps(NoHead(sharp_model), batch)
+    torch.testing.assert_close(full.chosen, fast.chosen, rtol=0, atol=TOL)
+    torch.testing.assert_close(full.rejected, fast.rejected, rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -334,7 +334,7 @@ def test_a_pair_missing_from_the_cache_is_an_error(tmp_path, tiny_model_dir, toy
     reference.precompute({"train": dataset, "eval": None}, SharedPromptCollator(0), 8)
     unseen = tokenize_preference_rows(toy_world.make_preference_rows(3, seed=7), toy_tokenizer)[0]
     mixed = SharedPromptCollator(0)([dataset[0], unseen[1]])
-    with pytest.raises(AlignError, match=r"batch row 1 \(prompt \d+, chosen \d+, rejected \d+ tokens\) is not among "
+    with pytest.raises(AlignError, match=r"batch example 1 \(prompt \d+, chosen \d+, rejected \d+ tokens\) is not among "
                                          r"the precomputed pairs; only the datasets given to the trainer \(train\)"):
         reference.logps(None, mixed)
     assert isinstance(reference, PrecomputedReference)
