@@ -34,7 +34,7 @@ from align.trainer import (
 )
 
 LOG2 = math.log(2.0)
-METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl/reference",
+METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logratios/mean",
                "logps/chosen", "logps/rejected", "length/chosen", "length/rejected")
 
 
@@ -107,18 +107,18 @@ def test_dpo_training_lowers_loss_and_raises_margins(tmp_path, tiny_model_dir, t
     first = logs[0]
     assert first["step"] == 1
     assert first["loss"] == pytest.approx(LOG2, abs=1e-3)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl/reference"):
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logratios/mean"):
         assert first[key] == pytest.approx(0.0, abs=1e-6), key
     assert before["eval_loss"] == pytest.approx(LOG2, abs=1e-6)
 
     for entry in logs:
         assert set(METRIC_KEYS) <= set(entry), set(METRIC_KEYS) - set(entry)
         assert not any(key.startswith("eval_") for key in entry)
-        # Identities of the logged means (reverse KL: reward = β·log-ratio; kl = mean of the two log-ratios).
+        # Identities of the logged means (reverse KL: reward = β·log-ratio; logratios/mean = mean of the two).
         assert entry["rewards/margins"] == pytest.approx(entry["rewards/chosen"] - entry["rewards/rejected"],
                                                          abs=1e-5)
         assert entry["rewards/chosen"] == pytest.approx(0.1 * entry["logratios/chosen"], abs=1e-5)
-        assert entry["kl/reference"] == pytest.approx(
+        assert entry["logratios/mean"] == pytest.approx(
             0.5 * (entry["logratios/chosen"] + entry["logratios/rejected"]), abs=1e-4)
         assert entry["logps/chosen"] < 0 and entry["logps/rejected"] < 0
         assert 0.0 <= entry["rewards/accuracies"] <= 1.0
