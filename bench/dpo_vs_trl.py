@@ -72,25 +72,23 @@ STEP_WORKLOADS = ("normal", "long")  # steps/s of training alone; `short` times 
 TARGETS = {"normal": ("steps/s align / TRL", 1.5), "long": ("steps/s align / TRL", 2.0),
            "short": ("process wall TRL / align", 1.3)}
 
-# Lengths in words, (low, high) inclusive: each sequence's length is drawn uniformly from it.
-PRESETS = {
-    "full": {
-        "model": {"vocab_size": 4096, "hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
-                  "intermediate_size": 1024},
-        "lengths": {"normal": {"prompt": (48, 64), "response": (48, 64)},
-                    "long": {"prompt": (192, 256), "response": (48, 64)},
-                    "short": {"prompt": (12, 20), "response": (8, 48)}},
-        "steps": 15, "warmup": 2, "short_steps": 50, "batch_size": 8, "repeats": 3,
-    },
-    "quick": {
-        "model": {"vocab_size": 1024, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                  "intermediate_size": 256},
-        "lengths": {"normal": {"prompt": (12, 16), "response": (12, 16)},
-                    "long": {"prompt": (48, 64), "response": (12, 16)},
-                    "short": {"prompt": (12, 20), "response": (8, 48)}},
-        "steps": 3, "warmup": 1, "short_steps": 4, "batch_size": 4, "repeats": 1,
-    },
+# Lengths in words, (low, high) inclusive: each sequence's length is drawn uniformly from it. --quick: a smaller model,
+# shorter normal/long sequences (short's are short already), fewer steps.
+FULL = {
+    "model": {"vocab_size": 4096, "hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4,
+              "intermediate_size": 1024},
+    "lengths": {"normal": {"prompt": (48, 64), "response": (48, 64)},
+                "long": {"prompt": (192, 256), "response": (48, 64)},
+                "short": {"prompt": (12, 20), "response": (8, 48)}},
+    "steps": 15, "warmup": 2, "short_steps": 50, "batch_size": 8, "repeats": 3,
 }
+PRESETS = {"full": FULL, "quick": {
+    **FULL,
+    "model": dict(FULL["model"], vocab_size=1024, hidden_size=64, num_layers=2, num_kv_heads=2, intermediate_size=256),
+    "lengths": dict(FULL["lengths"], normal={"prompt": (12, 16), "response": (12, 16)},
+                    long={"prompt": (48, 64), "response": (12, 16)}),
+    "steps": 3, "warmup": 1, "short_steps": 4, "batch_size": 4, "repeats": 1,
+}}
 LEARNING_RATE = 1e-6
 BETA = 0.1
 MAX_LENGTH = 1024  # prompt + one completion; above every generated sequence, so nothing is truncated on either side
