@@ -104,7 +104,7 @@ def load_callable_reward(spec: str, key: str = "reward.callable") -> CallableRew
 
 
 #: `reward.kind` values: the toy world's gold reward, a reward-model ensemble, or a user's function. The recipe layer
-#: builds them (`align.train_on_policy.build_reward`); the core only sees `RewardFunction`s.
+#: builds them (`align.recipes.train_on_policy.build_reward`); the core only sees `RewardFunction`s.
 REWARD_KINDS = ("toy_world", "ensemble", "callable")
 
 

@@ -74,7 +74,7 @@ def test_ensemble_reward_scores_members_and_its_aggregation(tiny_model_dir):
     assert reward.member_names == ["member_0", "member_1", "member_2"]
 
     # Sampled token ids are scored as ids when the policy shares the ensemble's tokenizer: the same rows, so the same
-    # scores, with a cut completion (no EOS) scored at an appended EOS exactly as encode_pairs does for its text.
+    # scores, with a cut completion (no EOS) scored at an appended EOS exactly as align.data.tokenize_pairs does for its text.
     from transformers import AutoTokenizer
 
     from align.data import tokenize_prompts

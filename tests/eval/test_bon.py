@@ -108,7 +108,7 @@ def test_scoring_cuts_rows_at_the_ensembles_trained_length(world, study, tmp_pat
     config wins."""
     import shutil
 
-    from reward_models.ensemble import encode_pairs
+    from align.data import tokenize_pairs
 
     ensemble_dir = tmp_path / "ensemble"
     shutil.copytree(world / "ensemble", ensemble_dir)
@@ -120,7 +120,7 @@ def test_scoring_cuts_rows_at_the_ensembles_trained_length(world, study, tmp_pat
     assert cut["scoring_max_length"] == 6 and study[0]["scoring_max_length"] is None
     samples = [json.loads(line) for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
     ensemble = RewardEnsemble.load(ensemble_dir, device="cpu")
-    ids = encode_pairs(ensemble.tokenizer, [s["prompt"] for s in samples], [s["response"] for s in samples])
+    ids = tokenize_pairs(ensemble.tokenizer, [s["prompt"] for s in samples], [s["response"] for s in samples])
     assert max(len(row) for row in ids) > 6
     expected, _ = ensemble.score_ids([row[-6:] for row in ids])
     torch.testing.assert_close(torch.tensor([s["rewards"] for s in samples]), expected, atol=1e-5, rtol=0)
