@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: align's DPO (`PreferenceTrainer` + `fdpo`) against TRL's `DPOTrainer`, same model, data and settings.
 
-    python bench/dpo_vs_trl.py                 # full run: three workloads x two frameworks x 3 repeats
+    python bench/dpo_vs_trl.py                 # full run: three workloads x two frameworks x 3 repeats, ~15 min
     python bench/dpo_vs_trl.py --quick         # smoke run (small model, few steps; what the test suite runs)
     python bench/dpo_vs_trl.py --workloads short --repeats 5
 
