@@ -54,12 +54,16 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path):
-    """(line, statement as written, the project names it imports) for every import in the file. `from a import b`
-    imports `a` and, when b is a submodule, `a.b`: both count."""
+    """(line, statement as written, the names it imports) for every import in the file."""
     module = module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    nodes = [node for node in ast.walk(ast.parse(path.read_text(), str(path)))
-             if isinstance(node, (ast.Import, ast.ImportFrom))]
+    return imports_in(path.read_text(), package, str(path))
+
+
+def imports_in(source: str, package: str, filename: str = "<source>"):
+    """`imports` of module source whose package is `package` (relative imports resolve against it). `from a import
+    b` imports `a` and, when b is a submodule, `a.b`: both count."""
+    nodes = [node for node in ast.walk(ast.parse(source, filename)) if isinstance(node, (ast.Import, ast.ImportFrom))]
     for node in sorted(nodes, key=lambda node: node.lineno):  # ast.walk goes breadth first: report in file order
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -95,6 +99,22 @@ def violations() -> list[str]:
 def test_every_package_is_scanned():
     names = {module_name(path) for path in project_modules()}
     assert {"align.config", "align.cli", "reward_models.ensemble", "eval.bon"} <= names
+
+
+def test_imports_at_any_depth_and_relative_ones_are_seen():
+    source = ("import torch\n"
+              "def build():\n"
+              "    if True:\n"
+              "        from reward_models.ensemble import RewardEnsemble\n"
+              "class A:\n"
+              "    def f(self):\n"
+              "        from ..recipes import train\n")
+    assert list(imports_in(source, "align.references")) == [
+        (1, "import torch", ["torch"]),
+        (4, "from reward_models.ensemble import RewardEnsemble",
+         ["reward_models.ensemble", "reward_models.ensemble.RewardEnsemble"]),
+        (7, "from align.recipes import train", ["align.recipes", "align.recipes.train"]),
+    ]
 
 
 @pytest.mark.parametrize("name, expected", [
