@@ -73,6 +73,7 @@ from typing import Any
 import torch
 
 from align.errors import ConfigError, DataError
+from align.schema import ConfigKeyError
 
 logger = logging.getLogger("align.data")
 
@@ -127,7 +128,7 @@ class DataConfig:
 
     def __post_init__(self):
         def fail(name: str, problem: str):
-            raise ConfigError(f"data.{name}: {problem}")
+            raise ConfigKeyError(("data", name), problem)
 
         if not isinstance(self.train, str) or not self.train.strip():
             fail("train", f"must name the training data (a file, a save_to_disk folder or a Hub dataset), "

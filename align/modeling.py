@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from align.errors import ConfigError
+from align.schema import ConfigKeyError
 from align.logps import MASKABLE_ATTENTION
 
 #: The weight dtypes a recipe or a loader may name (besides `auto`, see `resolve_dtype`).
@@ -130,7 +131,7 @@ def check_model_path(name_or_path: str, *, key: str = "model.name_or_path", revi
     belongs to loading, not to config validation)."""
     problem = model_path_problem(name_or_path, revision)
     if problem:
-        raise ConfigError(f"{key}: '{name_or_path}' {problem}")
+        raise ConfigKeyError(key, f"'{name_or_path}' {problem}")
 
 
 def load_tokenizer(config: ModelConfig):
@@ -163,7 +164,7 @@ def load_causal_lm(config: ModelConfig, name_or_path: str | None = None, *, key:
             revision=config.revision, trust_remote_code=config.trust_remote_code,
         )
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{key}: cannot load model '{path}' ({str(e).splitlines()[0]})") from e
+        raise ConfigKeyError(key, f"cannot load model '{path}' ({str(e).splitlines()[0]})") from e
     # The KV cache is useless in training and the packed forward never asks for it.
     model.config.use_cache = False
     return model

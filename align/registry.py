@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from align.errors import ConfigError
+from align.schema import ConfigKeyError
 
 
 def normalise_name(name: str) -> str:
@@ -45,7 +46,6 @@ class Registry(dict):
         names (`also_known` adds names the caller handles itself, such as reference kind `auto`)."""
         found = self.get(self.normalise(name)) if isinstance(name, str) else None
         if found is None:
-            where = f"{key}: " if key else ""
-            known = ", ".join([*also_known, *sorted(self)])
-            raise ConfigError(f"{where}unknown {self.what} {name!r}; known: {known}")
+            problem = f"unknown {self.what} {name!r}; known: {', '.join([*also_known, *sorted(self)])}"
+            raise ConfigKeyError(key, problem) if key else ConfigError(problem)
         return found

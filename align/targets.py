@@ -29,6 +29,7 @@ import torch
 
 from align.errors import ConfigError
 from align.registry import Registry, normalise_name
+from align.schema import from_dict
 
 #: `target.kind` → Target subclass.
 TARGETS = Registry("target kind", normalise=normalise_name)
@@ -214,8 +215,6 @@ class BestOfNTarget(Target):
 
 def target_params(section: dict):
     """Validates the `target:` section → (Target class, its Params); errors name `target.<key>`."""
-    from align.schema import from_dict
-
     section = dict(section)
     cls = TARGETS.lookup(section.pop("kind", "exponential"), "target.kind")
     return cls, from_dict(cls.Params, section, "target.", owner=f"target kind '{cls.kind}'")

@@ -21,7 +21,7 @@ What is compared
   `toy_world.make_prompts(2048, seed=1000)` on both sides (the recipe's `prompts.toy_world`); each side draws its own
   order from the seed.
 - align runs the real recipe code path: `configs/fdpg-toy.yaml` + overrides → `align.config.load_train_config` →
-  `align.train.train` (which saves `final/` and `summary.json` as usual; its before/after evaluation is off). TRL
+  `align.recipes.train.train` (which saves `final/` and `summary.json` as usual; its before/after evaluation is off). TRL
   runs `RLOOTrainer(model=<path>, reward_funcs=[toy_world], args=RLOOConfig(...), train_dataset=Dataset({"prompt":
   text}))`. The bench checks that both sides tokenize the prompts to the same ids (both prepend `<bos>`).
 - Timing: every run is its own subprocess (`--worker`). A `TrainerCallback` (TRL: passed to the trainer; align: added

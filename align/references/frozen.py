@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from align.errors import ConfigError
+from align.schema import ConfigKeyError
 from align.logps import completion_token_logps, batch_completion_keys
 from align.modeling import is_peft_model, load_causal_lm
 from align.references.base import Reference, register_reference
@@ -65,7 +65,7 @@ class PeftDisabledReference(Reference):
     def __init__(self, params, *, policy, model_config):
         super().__init__(params, policy=policy, model_config=model_config)
         if not is_peft_model(policy):
-            raise ConfigError("reference.kind: 'peft_disabled' needs a LoRA policy (set model.lora)")
+            raise ConfigKeyError("reference.kind", "'peft_disabled' needs a LoRA policy (set model.lora)")
 
     def _adapter_off(self, policy):
         peft_model = self.accelerator.unwrap_model(policy) if self.accelerator is not None else policy

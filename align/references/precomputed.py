@@ -37,7 +37,7 @@ from align.logps import PairLogps, _attention_implementation, packed_examples
 from align.modeling import is_peft_model
 from align.references.base import REFERENCES, Reference, build_reference, register_reference, resolve_kind
 from align.references.frozen import PeftDisabledReference
-from align.schema import from_dict
+from align.schema import ConfigKeyError, from_dict
 
 logger = logging.getLogger("align.references")
 _ID_KEYS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -107,14 +107,15 @@ class PrecomputedReference(Reference):
         def __post_init__(self):
             of = dict(self.of)
             kind = of.pop("kind", "auto")
+            # Keys relative to this section (`of.kind`): `from_dict` puts them under `reference`.
             if kind in _REFUSED:
-                raise ConfigError(f"reference.of.kind: '{kind}' cannot be precomputed: {_REFUSED[kind]}")
+                raise ConfigKeyError("of.kind", f"'{kind}' cannot be precomputed: {_REFUSED[kind]}")
             if kind == "auto":
                 if of:
-                    raise ConfigError(f"reference.of.{next(iter(of))}: kind 'auto' takes no parameters")
+                    raise ConfigKeyError(("of", next(iter(of))), "kind 'auto' takes no parameters")
             else:
-                cls = REFERENCES.lookup(kind, "reference.of.kind", also_known=["auto"])
-                from_dict(cls.Params, of, "reference.of.", owner=f"reference kind '{kind}'")
+                cls = REFERENCES.lookup(kind, "of.kind", also_known=["auto"])
+                from_dict(cls.Params, of, "of.", owner=f"reference kind '{kind}'")
 
     def __init__(self, params, *, policy, model_config):
         super().__init__(params, policy=policy, model_config=model_config)
@@ -122,10 +123,13 @@ class PrecomputedReference(Reference):
         self.of_kind = resolve_kind(of.pop("kind", "auto"), policy)
         try:
             self.inner = build_reference(self.of_kind, of, policy=policy, model_config=model_config)
-        except ConfigError as e:  # the inner kind names its keys `reference.x`; here they live under `reference.of`
-            message = str(e)
-            raise ConfigError(message.replace("reference.", "reference.of.", 1) if message.startswith("reference.")
-                              else f"reference.of: {message}") from None
+        except ConfigKeyError as e:
+            if e.path[0] != "reference":  # about another section (model.lora, training.deepspeed)
+                raise
+            # The inner kind names its keys `reference.x`; here they live under `reference.of`.
+            raise ConfigKeyError(("reference", "of", *e.path[1:]), e.problem, e.joiner) from None
+        except ConfigError as e:
+            raise ConfigKeyError("reference.of", str(e)) from None
         if type(self.inner).on_step_end is not Reference.on_step_end:
             raise ConfigError(f"reference.of.kind: '{self.of_kind}' changes during training, so its log-probs cannot "
                               "be computed before training")

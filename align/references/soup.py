@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.errors import ConfigError
+from align.schema import ConfigKeyError
 from align.modeling import load_causal_lm
 from align.references.base import Reference, register_reference
 from align.references.frozen import FrozenReference
@@ -74,7 +75,7 @@ class SoupReference(FrozenReference):
         try:
             checked = check_ingredients(params.checkpoints, params.weights)  # every rank: same error everywhere
         except ConfigError as e:
-            raise ConfigError(f"reference.checkpoints: {e}") from None
+            raise ConfigKeyError("reference.checkpoints", str(e)) from None
         folder, builder = _build_folder()
         try:
             failure = None
@@ -88,10 +89,10 @@ class SoupReference(FrozenReference):
             message = _first_failure(failure)
             if failure is not None:
                 if isinstance(failure, ConfigError):
-                    raise ConfigError(f"reference.checkpoints: {failure}") from None
+                    raise ConfigKeyError("reference.checkpoints", str(failure)) from None
                 raise failure
             if message is not None:
-                raise ConfigError(f"reference.checkpoints: {message} (on the process building the soup)")
+                raise ConfigKeyError("reference.checkpoints", f"{message} (on the process building the soup)")
             self.model = load_causal_lm(model_config, str(folder / "soup"), key="reference.checkpoints")
             self.model.eval().requires_grad_(False)
         finally:

@@ -3,10 +3,10 @@ the measurement of a trained policy, mean ± spread over seeds, and the outputs.
 
 - `Study`: one run of a study: its output and work folders, the seeds, quick or full, timing and progress lines.
 - `Study.sft()`: the starting policy and KL reference of every study: the quickstart's SFT model
-  (`toy_world.save_base_model(seed=0)` + `quickstart.train_toy_sft(seed=0)`), built once per study run and cached
+  (`toy_world.save_base_model(seed=0)` + `align.recipes.quickstart.train_toy_sft(seed=0)`), built once per study run and cached
   under `<work>/sft/` (a later run with the same work folder reuses it). The seeds of a study vary the training and
   the measurement, not the SFT model.
-- `fdpg_recipe` / `run_fdpg`: an f-DPG run (`align.train.train`) from a recipe dict equal to configs/fdpg-toy.yaml
+- `fdpg_recipe` / `run_fdpg`: an f-DPG run (`align.recipes.train.train`) from a recipe dict equal to configs/fdpg-toy.yaml
   except for what a study changes (steps, learning rate, divergence, target, reward), with no before/after
   measurement (`measure_policy` measures every method alike) and the trainer's per-step printout sent to
   `<run>/train.log`.
@@ -84,7 +84,7 @@ class Study:
         model = home / "model"
         if not (model / "config.json").is_file():
             from align import toy_world
-            from align.quickstart import train_toy_sft
+            from align.recipes.quickstart import train_toy_sft
 
             self.log("building the SFT policy (tiny Llama + TRL SFTTrainer on the toy grammar, seed 0)")
             with atomic_directory(home) as tmp, _stdout_to(tmp / "train.log"):
@@ -149,9 +149,9 @@ def fdpg_recipe(sft: Path, output_dir: Path, *, seed: int, steps: int, learning_
 
 
 def run_fdpg(recipe: dict) -> dict:
-    """Trains `recipe` with `align.train.train` → its summary (`final_model`, `log_history`, ...)."""
+    """Trains `recipe` with `align.recipes.train.train` → its summary (`final_model`, `log_history`, ...)."""
     from align.config import load_train_config
-    from align.train import train
+    from align.recipes.train import train
 
     config = load_train_config(None, base=recipe)
     out = Path(recipe["training"]["output_dir"])
