@@ -76,3 +76,11 @@ def toy_sft_dir(tmp_path_factory, tiny_model_dir):
 def toy_preference_rows():
     """64 prompt/chosen/rejected rows from the toy grammar, ordered by the gold reward."""
     return toy_world.make_preference_rows(64, seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/bench is marked `bench` (the `--quick` smoke run of one benchmark script)."""
+    bench_dir = os.path.join(os.path.dirname(__file__), "bench") + os.sep
+    for item in items:
+        if str(item.fspath).startswith(bench_dir):
+            item.add_marker(pytest.mark.bench)
