@@ -307,7 +307,9 @@ def completion_token_logps(model, batch: dict, completion_keys=("chosen_input_id
     with _logits_only_at(model, source) as gathered:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=batch["position_ids"],
                        use_cache=False).logits
-    logits = logits[0] if gathered[0] else logits.reshape(-1, logits.shape[-1]).index_select(0, source)  # [T, V]
+    V = logits.shape[-1]
+    # [1, T, V] -> [T, V] as a view (its backward is free, unlike indexing [0]); else gather from the full logits.
+    logits = logits.view(-1, V) if gathered[0] else logits.reshape(-1, V).index_select(0, source)  # [T, V]
     labels = input_ids.reshape(-1)[target]  # [T]
     parts = []
     # `split` (not indexing): its backward is a single cat. Chunks bound the fp32 copy of half-precision logits.
