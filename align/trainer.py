@@ -355,7 +355,7 @@ class PreferenceTrainer(AlignTrainer):
             "logps/rejected": policy_rejected,
             # Mean sequence log-ratio log π − log π_ref over the batch's chosen and rejected responses. It is NOT a
             # KL: the responses are the dataset's, not samples of π, so it goes negative as DPO pushes both down
-            # (about −15 at the end of the quickstart, whose KL(π‖π_sft) measured by sampling is about +7.5).
+            # (−17 to −20 at the end of the quickstart, whose KL(π‖π_sft) measured by sampling is +7.5).
             # KL itself is measured by sampling (quickstart, best-of-n).
             "logratios/mean": 0.5 * ((policy_chosen - reference.chosen_sum()) + (policy_rejected - reference.rejected_sum())),
             "length/chosen": policy.chosen_mask.sum(-1).float(),
