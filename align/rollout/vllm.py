@@ -78,8 +78,11 @@ def import_vllm():
     # Read when the engine is built: an in-process engine core lets `load_weights` stream tensors to the model
     # instead of pickling a state dict to a worker process.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_rotary_reload_filter)
+    logging.getLogger(_RELOAD_LOGGER).addFilter(_rotary_reload_filter)
     return vllm
+
+
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
 def _rotary_reload_filter(record: logging.LogRecord) -> bool:
@@ -214,6 +217,21 @@ def check_can_run(path: str, *, engine_kwargs: dict | None = None, enable_sleep_
     return vllm
 
 
+def _tied_layers(model) -> list[torch.nn.Module]:
+    """The layers of `model` whose `weight` is the same parameter as an earlier layer's (a tied `lm_head`)."""
+    owners: dict[int, torch.nn.Module] = {}
+    tied = []
+    for module in model.modules():
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if weight is None:
+            continue
+        if id(weight) in owners and owners[id(weight)] is not module:
+            tied.append(module)
+        else:
+            owners[id(weight)] = module
+    return tied
+
+
 def _refresh_tied_layers(model) -> None:
     """Runs in the vLLM worker after a reload: re-process layers that share their weight with an earlier layer.
 
@@ -222,17 +240,38 @@ def _refresh_tied_layers(model) -> None:
     the *old* embedding (oneDNN), so the logits stay stale though `lm_head.weight` holds the new values; re-running
     the layer's own post-load step re-packs it. On GPU that step is a no-op for unquantized layers.
     """
-    owners: dict[int, torch.nn.Module] = {}
-    for module in model.modules():
-        weight = module.__dict__.get("_parameters", {}).get("weight")
-        if weight is None:
-            continue
-        if id(weight) in owners and owners[id(weight)] is not module:
-            method = getattr(module, "quant_method", None)
-            if method is not None and hasattr(method, "process_weights_after_loading"):
-                method.process_weights_after_loading(module)
-        else:
-            owners[id(weight)] = module
+    for module in _tied_layers(model):
+        method = getattr(module, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
+
+
+class _TiedLayerReloadFilter(logging.Filter):
+    """Drops vLLM's "<Layer>: Failed to load weights" for the layer classes in `layers`, the tied layers of the
+    engine's model. A tied `lm_head` gets no tensor of its own in a sync (the streamed weights carry the embedding
+    only, as transformers saves a tied model), so vLLM warns on every sync although the head shares the new
+    embedding and `_refresh_tied_layers` re-processes it. The same warning for any other layer still shows: there it
+    means a layer kept stale weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.endswith(": Failed to load weights") and message.split(":", 1)[0] in self.layers)
+
+
+_TIED_LAYER_RELOAD_FILTER = _TiedLayerReloadFilter()
+
+
+def _quiet_tied_layer_reload_warnings(model) -> list[str]:
+    """Runs in the vLLM worker once the engine is built (where the reload logs): the tied layers' classes go into
+    `_TIED_LAYER_RELOAD_FILTER` on vLLM's reload logger → their names."""
+    names = {type(module).__name__ for module in _tied_layers(model)}
+    _TIED_LAYER_RELOAD_FILTER.layers |= names
+    logging.getLogger(_RELOAD_LOGGER).addFilter(_TIED_LAYER_RELOAD_FILTER)
+    return sorted(names)
 
 
 class VLLMRollout(RolloutBackend):
@@ -281,6 +320,7 @@ class VLLMRollout(RolloutBackend):
                             max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
                             enable_prefix_caching=enable_prefix_caching, enable_sleep_mode=enable_sleep_mode,
                             logprobs_mode="processed_logprobs", generation_config="vllm", **engine_kwargs)
+        self.llm.apply_model(_quiet_tied_layer_reload_warnings)
         if model is not None:
             self.load_weights(model)
 

@@ -308,6 +308,40 @@ def test_the_rotary_cache_reload_warning_is_filtered(vllm_rollout):
 
 
 @pytest.mark.vllm
+def test_a_sync_of_a_tied_model_does_not_warn_about_its_tied_head(vllm_rollout, tiny_model_dir):
+    """The tiny Llama ties its embeddings: every sync made vLLM warn "ParallelLMHead: Failed to load weights" (the
+    streamed weights carry the embedding only; the head shares it and is refreshed after the sync). The engine's
+    tied layer classes are filtered, and only those: with the filter removed the warning comes back."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    from align.rollout.vllm import _RELOAD_LOGGER, _TIED_LAYER_RELOAD_FILTER
+
+    assert _TIED_LAYER_RELOAD_FILTER.layers == {"ParallelLMHead"}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        vllm_rollout.load_weights(base)
+        quiet = list(seen)
+        logger.removeFilter(_TIED_LAYER_RELOAD_FILTER)
+        try:
+            vllm_rollout.load_weights(base)
+        finally:
+            logger.addFilter(_TIED_LAYER_RELOAD_FILTER)
+        logger.handle(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, "%s: Failed to load weights",
+                                        ("QKVParallelLinear",), None))
+    finally:
+        logger.removeHandler(handler)
+    assert quiet == []
+    assert seen == ["ParallelLMHead: Failed to load weights", "QKVParallelLinear: Failed to load weights"]
+
+
+@pytest.mark.vllm
 def test_lora_policy_is_synced_as_merged_weights(vllm_rollout, tiny_model_dir, tokenizer):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
