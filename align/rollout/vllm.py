@@ -78,18 +78,11 @@ def import_vllm():
     # Read when the engine is built: an in-process engine core lets `load_weights` stream tensors to the model
     # instead of pickling a state dict to a worker process.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    logging.getLogger(_RELOAD_LOGGER).addFilter(_rotary_reload_filter)
+    logging.getLogger(_RELOAD_LOGGER).addFilter(_RELOAD_NOISE_FILTER)
     return vllm
 
 
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-
-
-def _rotary_reload_filter(record: logging.LogRecord) -> bool:
-    """Drops vLLM's "RotaryEmbedding: Failed to load weights" on every weight sync: a rotary layer holds only its
-    cos/sin cache, which no checkpoint (and no synced state dict) carries; vLLM puts the cache back itself, so the
-    warning, printed once per sync, says nothing a user can act on."""
-    return not (record.getMessage().endswith("Failed to load weights") and "RotaryEmbedding" in record.getMessage())
 
 
 def _parse_version(text: str) -> tuple[int, ...]:
@@ -246,31 +239,34 @@ def _refresh_tied_layers(model) -> None:
             method.process_weights_after_loading(module)
 
 
-class _TiedLayerReloadFilter(logging.Filter):
-    """Drops vLLM's "<Layer>: Failed to load weights" for the layer classes in `layers`, the tied layers of the
-    engine's model. A tied `lm_head` gets no tensor of its own in a sync (the streamed weights carry the embedding
-    only, as transformers saves a tied model), so vLLM warns on every sync although the head shares the new
-    embedding and `_refresh_tied_layers` re-processes it. The same warning for any other layer still shows: there it
-    means a layer kept stale weights."""
+class _ReloadNoiseFilter(logging.Filter):
+    """Drops vLLM's "<Layer>: Failed to load weights", printed on every weight sync, for the layer classes in
+    `layers`, where it says nothing a user can act on:
+    - `RotaryEmbedding` holds only its cos/sin cache, which no checkpoint (and no synced state dict) carries; vLLM
+      puts the cache back itself;
+    - a tied layer (a tied `lm_head`) gets no tensor of its own (the streamed weights carry the embedding only, as
+      transformers saves a tied model) but shares the new embedding, and `_refresh_tied_layers` re-processes it.
+      The engine's tied classes are added when the engine starts (`_quiet_tied_layer_reload_warnings`).
+    The same warning for any other layer still shows: there it means a layer kept stale weights."""
 
-    def __init__(self):
+    def __init__(self, layers: set[str]):
         super().__init__()
-        self.layers: set[str] = set()
+        self.layers = set(layers)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (message.endswith(": Failed to load weights") and message.split(":", 1)[0] in self.layers)
 
 
-_TIED_LAYER_RELOAD_FILTER = _TiedLayerReloadFilter()
+_RELOAD_NOISE_FILTER = _ReloadNoiseFilter({"RotaryEmbedding"})
 
 
 def _quiet_tied_layer_reload_warnings(model) -> list[str]:
-    """Runs in the vLLM worker once the engine is built (where the reload logs): the tied layers' classes go into
-    `_TIED_LAYER_RELOAD_FILTER` on vLLM's reload logger → their names."""
+    """Runs in the vLLM worker once the engine is built (where the reload logs): the tied layers' classes join
+    `_RELOAD_NOISE_FILTER` on vLLM's reload logger → their names."""
     names = {type(module).__name__ for module in _tied_layers(model)}
-    _TIED_LAYER_RELOAD_FILTER.layers |= names
-    logging.getLogger(_RELOAD_LOGGER).addFilter(_TIED_LAYER_RELOAD_FILTER)
+    _RELOAD_NOISE_FILTER.layers |= names
+    logging.getLogger(_RELOAD_LOGGER).addFilter(_RELOAD_NOISE_FILTER)
     return sorted(names)
 
 

@@ -283,6 +283,29 @@ def test_load_weights_after_an_optimizer_step_samples_from_the_new_weights(vllm_
     _assert_engine_samples_from(vllm_rollout, base, tokenizer)
 
 
+def _reload_warnings_shown(layers, during=None) -> list[str]:
+    """The "<layer>: Failed to load weights" lines vLLM's reload logger lets through (its filters applied) for a
+    warning about each of `layers`, plus any it logs while `during()` runs."""
+    import logging
+
+    from align.rollout.vllm import _RELOAD_LOGGER
+
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        if during is not None:
+            during()
+        for layer in layers:
+            logger.handle(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, "%s: Failed to load weights",
+                                            (layer,), None))
+    finally:
+        logger.removeHandler(handler)
+    return seen
+
+
 @pytest.mark.vllm
 def test_the_rotary_cache_reload_warning_is_filtered(vllm_rollout):
     """vLLM warns "RotaryEmbedding: Failed to load weights" on an in-place reload (the layer holds only its cos/sin
@@ -290,21 +313,11 @@ def test_the_rotary_cache_reload_warning_is_filtered(vllm_rollout):
     vLLM is imported (issue 12, noise); the same warning for a layer with real weights still shows."""
     import logging
 
-    from align.rollout.vllm import _rotary_reload_filter
+    from align.rollout.vllm import _RELOAD_LOGGER, _RELOAD_NOISE_FILTER
 
-    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    assert _rotary_reload_filter in logger.filters
-    seen = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())
-    logger.addHandler(handler)
-    try:
-        for layer in ("RotaryEmbedding", "QKVParallelLinear"):
-            logger.handle(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, "%s: Failed to load weights",
-                                            (layer,), None))
-    finally:
-        logger.removeHandler(handler)
-    assert seen == ["QKVParallelLinear: Failed to load weights"]
+    assert _RELOAD_NOISE_FILTER in logging.getLogger(_RELOAD_LOGGER).filters
+    assert _reload_warnings_shown(("RotaryEmbedding", "QKVParallelLinear")) == [
+        "QKVParallelLinear: Failed to load weights"]
 
 
 @pytest.mark.vllm
@@ -313,28 +326,16 @@ def test_a_sync_of_a_tied_model_does_not_warn_about_its_tied_head(vllm_rollout, 
     streamed weights carry the embedding only; the head shares it and is refreshed after the sync; seen when this
     test ran alone before the filter). The engine's tied layer classes, found in the engine itself, are filtered on
     vLLM's reload logger, and only those: the same line for an untied layer still shows."""
-    import logging
-
     from transformers import AutoModelForCausalLM
 
-    from align.rollout.vllm import _RELOAD_LOGGER, _TIED_LAYER_RELOAD_FILTER, _tied_layers
+    from align.rollout.vllm import _RELOAD_NOISE_FILTER, _tied_layers
 
     tied = vllm_rollout.llm.apply_model(lambda model: sorted({type(m).__name__ for m in _tied_layers(model)}))
-    assert tied == [["ParallelLMHead"]] and _TIED_LAYER_RELOAD_FILTER.layers == {"ParallelLMHead"}
-    logger = logging.getLogger(_RELOAD_LOGGER)
-    assert _TIED_LAYER_RELOAD_FILTER in logger.filters
-    seen = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())
-    logger.addHandler(handler)
-    try:
-        vllm_rollout.load_weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32))
-        for layer in ("ParallelLMHead", "QKVParallelLinear"):
-            logger.handle(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, "%s: Failed to load weights",
-                                            (layer,), None))
-    finally:
-        logger.removeHandler(handler)
-    assert seen == ["QKVParallelLinear: Failed to load weights"]
+    assert tied == [["ParallelLMHead"]] and _RELOAD_NOISE_FILTER.layers == {"RotaryEmbedding", "ParallelLMHead"}
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert _reload_warnings_shown(("ParallelLMHead", "QKVParallelLinear"),
+                                  during=lambda: vllm_rollout.load_weights(policy)) == [
+        "QKVParallelLinear: Failed to load weights"]
 
 
 @pytest.mark.vllm
